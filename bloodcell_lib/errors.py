@@ -1,0 +1,37 @@
+"""Our own exception types: each message says what was wrong, where, and what to do."""
+
+
+class BloodcellError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class DatasetError(BloodcellError):
+    """The dataset folder cannot be used as it is."""
+
+
+class MissingClassError(DatasetError):
+    """A class folder is missing or holds no readable image."""
+
+
+class ImageDecodeError(BloodcellError):
+    """A file is not a readable image (corrupt, truncated, empty or another format)."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image declares more pixels than we agree to decode (a decompression bomb)."""
+
+
+class SplitError(BloodcellError):
+    """A split cannot be made or loaded as asked."""
+
+
+class ConfigError(BloodcellError):
+    """A run parameter is unknown or out of range."""
+
+
+class WeightsError(BloodcellError):
+    """Pretrained weights cannot be obtained (offline, missing file, wrong shape)."""
+
+
+class ModelError(BloodcellError):
+    """A model file cannot be loaded or does not match what the library expects."""

@@ -1,0 +1,15 @@
+"""Shared fixtures: synthetic datasets built once per session in temporary folders."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _no_profile_override(monkeypatch):
+    """Unit tests choose their profile themselves; BLOODCELL_PROFILE is for the notebooks."""
+    monkeypatch.delenv("BLOODCELL_PROFILE", raising=False)

@@ -1,0 +1,38 @@
+import pytest
+
+from bloodcell_lib.config import PROFILES, RunConfig, profile_config
+from bloodcell_lib.errors import ConfigError
+
+
+def test_phase_epochs_sum_to_budget():
+    assert RunConfig(epochs=3).phase_epochs == (2, 1)
+    assert RunConfig(epochs=2).phase_epochs == (1, 1)
+    assert RunConfig(epochs=1).phase_epochs == (1, 0)
+    assert RunConfig(epochs=20, head_epochs=5).phase_epochs == (5, 15)
+
+
+def test_weights_none_string_means_no_weights():
+    assert RunConfig(weights="none").weights is None
+    assert RunConfig(weights="imagenet").weights == "imagenet"
+
+
+def test_image_size_text_is_parsed():
+    assert RunConfig(image_size="64").image_size == 64
+    with pytest.raises(ConfigError, match="native"):
+        RunConfig(image_size="big")
+
+
+def test_environment_profile_overrides_notebook_default(monkeypatch):
+    monkeypatch.setenv("BLOODCELL_PROFILE", "smoke")
+    cfg = profile_config("paper", arch="vgg16")
+    assert cfg.profile == "smoke" and cfg.epochs == PROFILES["smoke"]["epochs"] and cfg.arch == "vgg16"
+
+
+def test_unknown_profile_is_a_clear_error():
+    with pytest.raises(ConfigError, match="paper, demo, smoke"):
+        profile_config("fast")
+
+
+def test_replace_rejects_unknown_fields():
+    with pytest.raises(ConfigError, match="colour"):
+        RunConfig().replace(colour="red")
