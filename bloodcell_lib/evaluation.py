@@ -1,0 +1,257 @@
+"""Evaluate a trained model on one subset of a split: predictions CSV, metrics, figures, Grad-CAM, cost, results JSON.
+
+Design rule: the test subset gets exactly one prediction pass; every number is computed from the
+predictions written to `<run>_predictions.csv`, so anyone can recompute them from that file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bloodcell_lib.atomic import write_json, write_text
+from bloodcell_lib.classes import CLASSES
+
+PROB_COLUMNS = [f"prob_{name}" for name in CLASSES]
+
+
+def run_name(arch: str, split: pd.DataFrame) -> str:
+    """Name of a run's files: the arch key, suffixed when the split is image-level (leakage measurement)."""
+    return f"{arch}_imagesplit" if split.attrs.get("split_by") == "image" else arch
+
+
+def predict_subset(model, split: pd.DataFrame, subset: str, batch_size: int = 32) -> tuple[pd.DataFrame, np.ndarray]:
+    """Run one prediction pass over a subset; return (its split rows in order, probabilities N×5)."""
+    from bloodcell_lib.model import model_image_size
+    from bloodcell_lib.pipeline import make_dataset
+    from bloodcell_lib.registry import get_arch
+
+    spec = get_arch(model.name)
+    rows = split[split["subset"] == subset].reset_index(drop=True)
+    ds = make_dataset(split, subset, model_image_size(model), spec.preprocess, batch_size=batch_size,
+                      augment=False, shuffle=False, cache="none")
+    proba = np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
+    return rows, proba
+
+
+def predictions_frame(rows: pd.DataFrame, proba: np.ndarray) -> pd.DataFrame:
+    """Predictions table with columns path, true_label, pred_label, prob_<class>, group."""
+    frame = pd.DataFrame({
+        "path": rows["path"].to_numpy(),
+        "true_label": rows["label"].to_numpy(),
+        "pred_label": [CLASSES[i] for i in proba.argmax(axis=1)],
+    })
+    for k, col in enumerate(PROB_COLUMNS):
+        frame[col] = proba[:, k]
+    frame["group"] = rows["group"].to_numpy()
+    return frame
+
+
+def read_predictions(path: str | Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Load a predictions CSV; return (true label indices, probabilities N×5, the frame)."""
+    frame = pd.read_csv(path)
+    y_true = frame["true_label"].map(CLASSES.index).to_numpy()
+    return y_true, frame[PROB_COLUMNS].to_numpy(dtype=np.float64), frame
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape the numbers."""
+    import keras
+    import sklearn
+    import tensorflow as tf
+
+    import bloodcell_lib
+
+    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+            "numpy": np.__version__, "scikit-learn": sklearn.__version__, "pandas": pd.__version__,
+            "bloodcell_lib": bloodcell_lib.__version__}
+
+
+def split_info(split: pd.DataFrame) -> dict[str, Any]:
+    """The split's file, its SHA-256, how it was made and its subset sizes."""
+    from bloodcell_lib.split import split_sha256
+
+    path = split.attrs.get("split_path")
+    return {
+        "path": str(path) if path else None,
+        "sha256": split_sha256(path) if path and Path(path).exists() else None,
+        "split_by": split.attrs.get("split_by", "group"),
+        "sizes": {s: int((split["subset"] == s).sum()) for s in ("train", "val", "test")},
+        "data_root": split.attrs.get("data_root"),
+    }
+
+
+def select_gradcam_examples(frame: pd.DataFrame, n: int, seed: int = 0) -> np.ndarray:
+    """Pick up to n row indices, for every class both right and wrong predictions when there are any."""
+    rng = np.random.default_rng(seed)
+    per_cell = max(1, n // (2 * len(CLASSES)))
+    chosen: list[int] = []
+    for name in CLASSES:
+        for right in (True, False):
+            mask = (frame["true_label"] == name) & ((frame["pred_label"] == name) == right)
+            idx = np.flatnonzero(mask.to_numpy())
+            chosen += list(rng.permutation(idx)[:per_cell])
+    rest = np.setdiff1d(np.arange(len(frame)), chosen)
+    chosen += list(rng.permutation(rest)[: max(0, n - len(chosen))])
+    return np.asarray(sorted(chosen[:n]), dtype=int)
+
+
+def cell_masks(split: pd.DataFrame, paths: list[str], images: np.ndarray) -> tuple[np.ndarray, str]:
+    """Cell masks for focus scores: the synthetic manifest's ellipses when present, else stain segmentation."""
+    import cv2
+
+    from bloodcell_lib.explain import stain_mask
+
+    root = Path(split.attrs.get("data_root", "."))
+    manifest_path = root / "synth_manifest.csv"
+    size = images.shape[1]
+    if manifest_path.exists():
+        from bloodcell_lib.images import read_rgb
+        from bloodcell_lib.synthetic import load_manifest, manifest_mask
+
+        manifest = load_manifest(manifest_path).set_index("file")
+        if all(p in manifest.index for p in paths):
+            masks = []
+            for p in paths:
+                h, w = read_rgb(root / p).shape[:2]
+                m = manifest_mask(manifest.loc[p], h, w).astype(np.uint8)
+                masks.append(cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST).astype(bool))
+            return np.stack(masks), "synthetic manifest ellipses"
+    return np.stack([stain_mask(img) for img in images]), "stain-colour segmentation"
+
+
+def explain_model(model, split: pd.DataFrame, frame: pd.DataFrame, output_dir: Path, name: str,
+                  n_images: int, seed: int = 0, make_figures: bool = True) -> dict[str, Any]:
+    """Grad-CAM and Grad-CAM++ on chosen test images: focus, deletion AUC, sanity; grid figure saved."""
+    from bloodcell_lib.explain import explain_summary, gradcam_heatmaps, overlay_heatmap
+    from bloodcell_lib.figures import plot_gradcam_grid
+    from bloodcell_lib.model import model_image_size
+    from bloodcell_lib.pipeline import load_images
+    from bloodcell_lib.registry import get_arch
+
+    if n_images <= 0 or frame.empty:
+        return {}
+    spec = get_arch(model.name)
+    idx = select_gradcam_examples(frame, n_images, seed)
+    rows = split[split["subset"] == "test"].reset_index(drop=True).iloc[idx]
+    chosen = split.loc[split["path"].isin(rows["path"])]
+    chosen.attrs = dict(split.attrs)
+    images, labels, paths = load_images(chosen, chosen["subset"].iloc[0], model_image_size(model))
+    masks, mask_source = cell_masks(split, paths, images)
+    x = spec.preprocess(images.astype("float32"))
+    pred = frame.set_index("path").loc[paths, "pred_label"].map(CLASSES.index).to_numpy()
+    block: dict[str, Any] = {"mask_source": mask_source, "layer": spec.last_conv_layer, "image_paths": paths}
+    for method in ("gradcam", "gradcam++"):
+        block[method] = explain_summary(model, x, masks, class_indices=pred, layer=spec.last_conv_layer,
+                                        method=method, seed=seed)
+    if make_figures:
+        heat = gradcam_heatmaps(model, x, class_indices=pred, layer=spec.last_conv_layer)
+        overlays = np.stack([overlay_heatmap(img, h) for img, h in zip(images, heat)])
+        plot_gradcam_grid(images, overlays, labels, pred, path=output_dir / f"{name}_gradcam.png",
+                          title=f"Grad-CAM — {spec.display_name}")
+    return block
+
+
+def save_figures(frame: pd.DataFrame, metrics: dict, output_dir: Path, name: str, history: dict | None) -> list[str]:
+    """Write confusion matrices, ROC curves and training curves as PNG files; return their paths."""
+    from bloodcell_lib import figures
+
+    y_true = frame["true_label"].map(CLASSES.index).to_numpy()
+    proba = frame[PROB_COLUMNS].to_numpy()
+    paths = {key: output_dir / f"{name}_{key}.png" for key in ("confusion", "confusion_normalised", "roc", "curves")}
+    figures.plot_confusion_matrix(metrics["confusion_matrix"], path=paths["confusion"])
+    figures.plot_confusion_matrix(metrics["confusion_matrix_normalised"], normalised=True,
+                                  path=paths["confusion_normalised"])
+    figures.plot_roc_curves(y_true, proba, path=paths["roc"])
+    if history:
+        figures.plot_history(history, path=paths["curves"])
+    else:
+        del paths["curves"]
+    return [str(p) for p in paths.values()]
+
+
+def evaluate(model, split: pd.DataFrame, subset: str = "test", output_dir: str | Path = "Saved Models", *,
+             history: dict | None = None, config: dict | None = None, model_path: str | Path | None = None,
+             weights_used: str | None = None, gradcam_images: int = 50, n_boot: int = 1000, seed: int = 0,
+             make_figures: bool = True, measure: bool = True) -> dict[str, Any]:
+    """Evaluate a model on a split subset and write `<run>_predictions.csv` and `<run>_results.json`."""
+    from bloodcell_lib.cost import measure_cost
+    from bloodcell_lib.metrics import compute_metrics
+    from bloodcell_lib.model import model_image_size
+    from bloodcell_lib.registry import get_arch
+
+    output_dir = Path(output_dir)
+    spec = get_arch(model.name)
+    name = run_name(spec.key, split)
+    rows, proba = predict_subset(model, split, subset)
+    frame = predictions_frame(rows, proba)
+    predictions_path = output_dir / f"{name}_predictions.csv"
+    write_text(predictions_path, frame.to_csv(index=False))
+
+    # Metrics come from the file just written, so they are exactly what the CSV says.
+    y_true, proba, frame = read_predictions(predictions_path)
+    metrics = compute_metrics(y_true, proba, groups=frame["group"].to_numpy(), n_boot=n_boot, seed=seed)
+    meta = (history or {}).get("meta", {}) if isinstance(history, dict) else {}
+    results: dict[str, Any] = {
+        "architecture": spec.key,
+        "display_name": spec.display_name,
+        "run": name,
+        "weights": weights_used or meta.get("weights_used"),
+        "image_size": model_image_size(model),
+        "epochs": meta.get("epochs") or _epochs_from_history(history),
+        "subset": subset,
+        "split": split_info(split),
+        "metrics": metrics,
+        "predictions_file": predictions_path.name,
+        "output_dir": str(output_dir),
+        "versions": library_versions(),
+        "config": config or {},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if measure:
+        results["cost"] = measure_cost(model, model_path=model_path,
+                                       training_seconds=meta.get("total_seconds"),
+                                       epochs=(results["epochs"] or {}).get("total"))
+    results["explainability"] = explain_model(model, split, frame if subset == "test" else frame.iloc[:0],
+                                              output_dir, name, gradcam_images, seed, make_figures)
+    if make_figures:
+        results["figures"] = save_figures(frame, metrics, output_dir, name, _curves(history))
+    write_json(output_dir / f"{name}_results.json", results)
+    return results
+
+
+def _curves(history: dict | None) -> dict | None:
+    if not history:
+        return None
+    return history.get("history", history)
+
+
+def _epochs_from_history(history: dict | None) -> dict[str, int] | None:
+    curves = _curves(history)
+    if not curves or "phase" not in curves:
+        return None
+    phases = list(curves["phase"])
+    return {"phase1": phases.count(1), "phase2": phases.count(2), "total": len(phases)}
+
+
+def evaluate_saved_model(model_path: str | Path, split_path: str | Path, output_dir: str | Path | None = None,
+                         subset: str = "test", data_dir: str | Path | None = None, gradcam_images: int = 50,
+                         n_boot: int = 1000) -> dict[str, Any]:
+    """Load a `.keras` model and its training history (JSON), then evaluate it on a saved split."""
+    from bloodcell_lib.model import load_trained_model
+    from bloodcell_lib.split import load_split
+    from bloodcell_lib.training import load_history
+
+    model_path = Path(model_path)
+    model, spec = load_trained_model(model_path)
+    split = load_split(split_path, data_root=data_dir)
+    output_dir = Path(output_dir) if output_dir else model_path.parent
+    history_path = model_path.parent / f"{model_path.stem}_training_history.json"
+    history = load_history(history_path) if history_path.exists() else None
+    return evaluate(model, split, subset, output_dir, history=history, model_path=model_path,
+                    gradcam_images=gradcam_images, n_boot=n_boot)

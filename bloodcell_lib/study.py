@@ -1,0 +1,348 @@
+"""The notebook-facing steps of one study run: each notebook cell is one of these calls.
+
+A notebook holds prose and calls; everything a cell does lives here, so the five model notebooks,
+`run_all.py` and the CLI share one implementation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bloodcell_lib.classes import CLASSES
+from bloodcell_lib.config import RunConfig, profile_config
+
+SYNTHETIC_FOLDER = "synthetic_data"
+SPLIT_FILE = "split.csv"
+
+
+def configure(arch: str, profile: str = "auto", data_dir: str | None = None, **params: Any) -> RunConfig:
+    """Resolve a notebook's parameters into a RunConfig: profile, dataset (or synthetic stand-in), weights, size."""
+    from bloodcell_lib.registry import get_arch
+
+    spec = get_arch(arch)
+    if profile == "auto":
+        profile = "paper" if data_dir and Path(data_dir).exists() else "demo"
+    params = {k: v for k, v in params.items() if v is not None}
+    cfg = profile_config(profile, arch=spec.key, data_dir=data_dir, **params)
+    notes = []
+    if isinstance(cfg.image_size, int) and cfg.image_size < spec.min_size:
+        notes.append(f"image size raised from {cfg.image_size} to {spec.display_name}'s minimum {spec.min_size} px")
+        cfg.image_size = spec.min_size
+    if cfg.profile != "paper" and (not cfg.data_dir or not Path(cfg.data_dir).exists()):
+        cfg.data_dir = str(ensure_synthetic_data(cfg))
+        notes.append(f"no dataset given: using the synthetic stand-in at {cfg.data_dir}")
+    if cfg.profile == "demo" and cfg.weights == "imagenet" and not imagenet_reachable():
+        cfg.weights = None
+        notes.append("IMAGENET WEIGHTS ARE NOT REACHABLE: training from random initialisation (weights=None); "
+                     "these numbers say nothing about transfer learning")
+    if cfg.split_path is None:
+        cfg.split_path = str(cfg.output_path / SPLIT_FILE)
+    cfg.extra["notes"] = notes
+    return cfg
+
+
+def imagenet_reachable() -> bool:
+    """True when Keras could download ImageNet weights (cached file or network)."""
+    from bloodcell_lib.model import imagenet_available
+
+    return imagenet_available()
+
+
+def ensure_synthetic_data(cfg: RunConfig) -> Path:
+    """Generate the profile's synthetic set under the output folder once; reuse it afterwards."""
+    from bloodcell_lib.synthetic import make_synthetic_dataset
+
+    out = cfg.output_path / SYNTHETIC_FOLDER
+    stamp = out / "synth_params.json"
+    params = {"per_class": cfg.synth_per_class, "size": cfg.synth_size, "duplicates": cfg.synth_duplicates,
+              "seed": cfg.seed, "shortcut": cfg.synth_shortcut}
+    if stamp.exists() and json.loads(stamp.read_text()) == params:
+        return out
+    make_synthetic_dataset(out, **params)
+    from bloodcell_lib.atomic import write_json
+
+    write_json(stamp, params)
+    return out
+
+
+def describe(cfg: RunConfig) -> str:
+    """A short, loud summary of what this run will do."""
+    from bloodcell_lib.registry import get_arch
+
+    spec = get_arch(cfg.arch)
+    size = spec.native_size if cfg.image_size == "native" else cfg.image_size
+    p1, p2 = cfg.phase_epochs
+    lines = [
+        f"Architecture : {spec.display_name} ({cfg.arch}), input {size}×{size} px",
+        f"Profile      : {cfg.profile}",
+        f"Dataset      : {cfg.data_dir}",
+        f"Weights      : {cfg.weights or 'none (random initialisation)'}",
+        f"Epochs       : up to {cfg.epochs} ({p1} head + {p2} fine-tuning), batch {cfg.batch_size}, seed {cfg.seed}",
+        f"Output folder: {cfg.output_path.resolve()}",
+    ]
+    lines += [f"NOTE: {n}" for n in cfg.extra.get("notes", [])]
+    return "\n".join(lines)
+
+
+def check_data(cfg: RunConfig):
+    """Check the dataset folder and return the report (its summary is printed)."""
+    from bloodcell_lib.dataset import check_dataset
+
+    report = check_dataset(cfg.data_dir)
+    print(report.summary())
+    return report
+
+
+def show_class_examples(report, per_class: int = 4, seed: int = 0):
+    """Figure: random images from each class."""
+    from bloodcell_lib.figures import plot_class_examples
+    from bloodcell_lib.images import read_rgb
+
+    rng = np.random.default_rng(seed)
+    frame = report.to_frame()
+    images = {}
+    for name in CLASSES:
+        paths = frame.loc[frame["label"] == name, "path"].to_numpy()
+        picks = rng.permutation(paths)[:per_class]
+        images[name] = [read_rgb(Path(report.root) / p) for p in picks]
+    return plot_class_examples(images)
+
+
+def problems_table(report) -> pd.DataFrame:
+    """The problems the check found, one row each (empty when the folder is clean)."""
+    return pd.DataFrame([{"path": p.path, "kind": p.kind, "message": p.message} for p in report.problems],
+                        columns=["path", "kind", "message"])
+
+
+def duplicate_groups_table(report) -> pd.DataFrame:
+    """Per class: images, duplicate groups, and images per group."""
+    frame = report.to_frame()
+    table = frame.groupby("label").agg(images=("path", "size"), groups=("group", "nunique"))
+    table["images_per_group"] = (table["images"] / table["groups"]).round(2)
+    return table.reindex(CLASSES)
+
+
+def prepare_split(cfg: RunConfig, report=None) -> pd.DataFrame:
+    """Load the study's split when it exists for this dataset; otherwise make it and save it."""
+    from bloodcell_lib.split import load_split, make_split, save_split
+
+    path = Path(cfg.split_path)
+    if path.exists():
+        split = load_split(path)
+        if Path(split.attrs["data_root"]).resolve() == Path(report.root if report else cfg.data_dir).resolve():
+            split.attrs["split_path"] = str(path)
+            return split
+    split = make_split(report if report is not None else cfg.data_dir, val=cfg.val_fraction, test=cfg.test_fraction,
+                       seed=cfg.seed, split_by=cfg.split_by)
+    save_split(split, path)
+    split = load_split(path)
+    split.attrs["split_path"] = str(path)
+    return split
+
+
+def show_preprocessing(cfg: RunConfig, split: pd.DataFrame):
+    """Figure: one image before and after the architecture's own preprocess_input, with value ranges."""
+    from bloodcell_lib.figures import plot_image_grid
+    from bloodcell_lib.pipeline import load_images
+    from bloodcell_lib.registry import get_arch
+
+    spec = get_arch(cfg.arch)
+    images, _, _ = load_images(split, "train", image_size(cfg), limit=1)
+    x = np.asarray(spec.preprocess(images.astype("float32")))[0]
+    shown = (x - x.min()) / max(float(x.max() - x.min()), 1e-9)
+    titles = [f"uint8 input [{images.min()}, {images.max()}]",
+              f"after preprocess_input\n[{x.min():.2f}, {x.max():.2f}] (rescaled to show)"]
+    return plot_image_grid([images[0], shown], titles, ncols=2, title=f"{spec.display_name} preprocessing")
+
+
+def show_augmentation(cfg: RunConfig, split: pd.DataFrame, n: int = 8):
+    """Figure: the same training image through the training augmentation n times."""
+    from bloodcell_lib.figures import plot_image_grid
+    from bloodcell_lib.pipeline import augment_image, load_images
+
+    images, _, _ = load_images(split, "train", image_size(cfg), limit=1)
+    shown = [images[0]] + [np.asarray(augment_image(images[0], seed=(cfg.seed, i))) for i in range(n - 1)]
+    return plot_image_grid(shown, ["original"] + [f"augmented {i}" for i in range(1, n)], ncols=4,
+                           title="Training augmentation (flips, 90° rotations, brightness/contrast)")
+
+
+def image_size(cfg: RunConfig) -> int:
+    """The input side length this run uses."""
+    from bloodcell_lib.registry import get_arch
+
+    return get_arch(cfg.arch).native_size if cfg.image_size == "native" else int(cfg.image_size)
+
+
+def train(cfg: RunConfig, split: pd.DataFrame):
+    """Fine-tune the architecture in two phases (Keras progress bar shows live progress)."""
+    from bloodcell_lib.training import train_from_config
+
+    return train_from_config(cfg.replace(split_path=split.attrs.get("split_path", cfg.split_path)))
+
+
+def show_curves(result):
+    """Figure: accuracy and loss curves with the phase boundary."""
+    from bloodcell_lib.figures import plot_history
+
+    return plot_history(result.history.get("history", result.history), title=f"{result.model.name} training")
+
+
+def evaluate(cfg: RunConfig, result, split: pd.DataFrame) -> dict[str, Any]:
+    """Evaluate the trained model on the test subset and write predictions, results and figures."""
+    from bloodcell_lib.evaluation import evaluate as _evaluate
+
+    return _evaluate(result.model, split, "test", cfg.output_path, history=result.history, config=cfg.to_dict(),
+                     model_path=result.model_path, weights_used=result.weights_used,
+                     gradcam_images=cfg.gradcam_images, n_boot=cfg.bootstrap, seed=cfg.seed)
+
+
+def metrics_table(results: dict[str, Any]) -> pd.DataFrame:
+    """Headline metrics with their 95% intervals, one row each."""
+    m = results["metrics"]
+    rows = []
+    for key in ("accuracy", "macro_f1", "weighted_f1", "roc_auc_macro", "myeloblast_recall", "log_loss", "ece"):
+        ci = m.get(f"{key}_ci") or [np.nan, np.nan]
+        rows.append({"metric": key, "value": m.get(key), "ci_low": ci[0], "ci_high": ci[1]})
+    return pd.DataFrame(rows).set_index("metric").round(4)
+
+
+def classification_report_table(results: dict[str, Any]) -> pd.DataFrame:
+    """Per-class precision, recall, F1 and support."""
+    report = results["metrics"]["per_class"]
+    return pd.DataFrame({k: v for k, v in report.items() if isinstance(v, dict)}).T.round(3)
+
+
+def show_figure(results: dict[str, Any], kind: str):
+    """Show one of the PNG figures written by the evaluation (confusion, roc, curves, gradcam ...)."""
+    from IPython.display import Image
+
+    name = results["run"]
+    return Image(filename=str(Path(results.get("output_dir", ".")) / f"{name}_{kind}.png"))
+
+
+def explainability_table(results: dict[str, Any]) -> pd.DataFrame:
+    """Grad-CAM and Grad-CAM++ numbers: focus on the cell, deletion AUC, randomisation sanity."""
+    block = results.get("explainability") or {}
+    rows = {m: block[m] for m in ("gradcam", "gradcam++") if m in block}
+    return pd.DataFrame(rows).T
+
+
+def outputs_written(cfg: RunConfig) -> pd.DataFrame:
+    """The files this run wrote for its architecture, with their sizes."""
+    files = sorted(p for p in cfg.output_path.glob(f"{cfg.arch}*") if p.is_file())
+    files += [p for p in (cfg.output_path / SPLIT_FILE,) if p.exists()]
+    return pd.DataFrame({"file": [str(p) for p in files], "kB": [round(p.stat().st_size / 1024, 1) for p in files]})
+
+
+# --- The Comparison notebook ---------------------------------------------------------------------
+
+
+def compare(output_dir: str | Path):
+    """Build the comparison of every model in the output folder (training the shortcut baseline if needed)."""
+    from bloodcell_lib.compare import compare_results
+
+    output_dir = Path(output_dir)
+    split_path = output_dir / SPLIT_FILE
+    if split_path.exists() and not (output_dir / "shortcut_baseline_results.json").exists():
+        from bloodcell_lib.baseline import run_shortcut_baseline
+
+        run_shortcut_baseline(split_path, output_dir=output_dir)
+    comparison = compare_results(output_dir)
+    comparison.save(output_dir)
+    return comparison
+
+
+def comparison_table(comparison) -> pd.DataFrame:
+    """The readable comparison table (values with 95% intervals)."""
+    from bloodcell_lib.compare import display_table
+
+    return display_table(comparison.table)
+
+
+def missing_table(comparison) -> pd.DataFrame:
+    """Models and files that are missing or partial (empty when everything is there)."""
+    return pd.DataFrame({"missing or partial": [*comparison.missing, *comparison.problems]})
+
+
+def show_metric_bars(comparison, metric: str):
+    """Figure: one metric per model with its interval as whiskers."""
+    from bloodcell_lib.figures import plot_bars_with_intervals
+
+    t = comparison.table
+    return plot_bars_with_intervals(t["model"], t[metric].astype(float), t[f"{metric}_ci"].tolist(), metric)
+
+
+def show_cost_scatter(comparison, cost_column: str):
+    """Figure: accuracy against a cost column (FLOPs, latency, parameters) for the CNNs."""
+    from bloodcell_lib.figures import plot_scatter
+
+    t = comparison.table.dropna(subset=[cost_column])
+    if t.empty:
+        return f"No model has a measured {cost_column} yet."
+    return plot_scatter(t[cost_column].astype(float), t["accuracy"].astype(float), t["model"], cost_column,
+                        "accuracy", logx=cost_column == "flops_per_image")
+
+
+def show_mcnemar(comparison):
+    """Figure: the matrix of McNemar p-values between every pair of runs."""
+    from bloodcell_lib.figures import plot_matrix
+
+    if comparison.mcnemar.shape[0] < 2:
+        return "Fewer than two evaluated runs: nothing to test."
+    return plot_matrix(comparison.mcnemar.to_numpy(), list(comparison.mcnemar.index), "McNemar p-values")
+
+
+def show_gradcam_side_by_side(output_dir: str | Path, per_class: int = 1):
+    """Figure: Grad-CAM of every saved model on the same test images (one per class by default)."""
+    from bloodcell_lib.explain import gradcam_heatmaps, overlay_heatmap
+    from bloodcell_lib.figures import plot_image_grid
+    from bloodcell_lib.model import load_trained_model, model_image_size
+    from bloodcell_lib.pipeline import load_images
+    from bloodcell_lib.registry import ARCHITECTURES
+    from bloodcell_lib.split import load_split
+
+    output_dir = Path(output_dir)
+    models = [output_dir / f"{key}.keras" for key in ARCHITECTURES if (output_dir / f"{key}.keras").exists()]
+    if not models or not (output_dir / SPLIT_FILE).exists():
+        return "No saved model and split in this folder yet."
+    split = load_split(output_dir / SPLIT_FILE)
+    test = split[split["subset"] == "test"]
+    picks = test.groupby("label", sort=False).head(per_class)
+    chosen = split.loc[picks.index]
+    chosen.attrs = dict(split.attrs)
+    rows_images, titles = [], []
+    for path in models:
+        model, spec = load_trained_model(path)
+        images, labels, _ = load_images(chosen, "test", model_image_size(model))
+        heat = gradcam_heatmaps(model, spec.preprocess(images.astype("float32")), layer=spec.last_conv_layer)
+        for img, h, y in zip(images, heat, labels):
+            rows_images.append(overlay_heatmap(img, h))
+            titles.append(f"{spec.display_name}\n{CLASSES[y]}")
+    return plot_image_grid(rows_images, titles, ncols=len(chosen), title="Grad-CAM, same test images")
+
+
+def shortcut_and_leakage(comparison) -> pd.DataFrame:
+    """The shortcut baseline row beside the best CNN, and the leakage deltas when measured."""
+    from bloodcell_lib.compare import BASELINE_RUN, display_table
+
+    t = comparison.table
+    best, _ = comparison.best_and_runner_up()
+    rows = t[(t["run"] == BASELINE_RUN) | (t["run"] == (best["run"] if best is not None else None))]
+    table = display_table(rows)
+    if not comparison.leakage.empty:
+        print(comparison.leakage.to_string(index=False))
+    else:
+        print("No image-level split run in this folder, so no leakage delta (run_all.py --leakage adds one).")
+    return table
+
+
+def show_conclusion(comparison):
+    """The conclusion, written from the numbers, as Markdown."""
+    from IPython.display import Markdown
+
+    return Markdown(comparison.conclusion())

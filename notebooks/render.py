@@ -1,0 +1,247 @@
+"""Render the five model notebooks and the Comparison notebook from one template.
+
+    python notebooks/render.py          # write the notebooks
+    python notebooks/render.py --check  # exit 1 when a committed notebook differs from its rendering
+
+Fix a sentence here and it is fixed in all five notebooks. Notebooks are committed without outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+# Notebook file stem → registry key. The registry is the source of truth for everything else.
+MODEL_NOTEBOOKS = {
+    "VGG16": "vgg16",
+    "ResNet50": "resnet50",
+    "Xception": "xception",
+    "DenseNet201": "densenet201",
+    "EfficientNetB3": "efficientnetb3",
+}
+
+SETUP_PROSE = """## Setup
+
+Detects Colab, optionally mounts Google Drive (set `MOUNT_DRIVE = True` when your Kaggle folder lives
+there), and makes `bloodcell_lib` importable: in a local clone it is found next to this notebook; in
+Colab, first clone the repository into `/content/bloodcell` (or copy it to `MyDrive/bloodcell`)."""
+
+SETUP_CODE = """import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+IN_COLAB = "google.colab" in sys.modules
+MOUNT_DRIVE = False
+
+if IN_COLAB and MOUNT_DRIVE:
+    from google.colab import drive
+
+    drive.mount("/content/drive")
+
+if importlib.util.find_spec("bloodcell_lib") is None:
+    candidates = [Path.cwd().parent, Path.cwd(), Path("/content/bloodcell"), Path("/content/drive/MyDrive/bloodcell")]
+    repo = next((c for c in candidates if (c / "bloodcell_lib").is_dir()), None)
+    if repo is None:
+        raise ModuleNotFoundError("bloodcell_lib not found: clone the repository to /content/bloodcell, then rerun.")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(repo)], check=True)
+    sys.path.insert(0, str(repo))
+print("Colab:", IN_COLAB)"""
+
+
+def parameters_cell(source: str):
+    """A code cell tagged `parameters`, so papermill can inject values after it."""
+    cell = new_code_cell(source)
+    cell.metadata["tags"] = ["parameters"]
+    return cell
+
+
+def model_cells(title: str, arch: str) -> list:
+    """The cells of one model notebook."""
+    md, code = new_markdown_cell, new_code_cell
+    return [
+        md(f"""# {title}: fine-tuning on single blood-cell images
+
+Fine-tunes Keras' ImageNet-pretrained **{title}** to tell five blood-cell types apart — basophil,
+erythroblast, monocyte, myeloblast (the leukaemia-relevant one) and segmented neutrophil — and asks
+whether the answer can be trusted and explained. Every model notebook of this suite is rendered from one
+template, runs the same steps on the same split, and writes its results to the output folder for the
+`Comparison` notebook.
+
+*Research software, not a medical device.* Numbers on the Kaggle set "Blood Cell Images for Cancer
+Detection" are inflated by augmented copies of the same cells and by a background-colour shortcut; this
+notebook keeps copies on one side of the split, reports 95% intervals, and the comparison shows the
+shortcut baseline beside the networks."""),
+        md(SETUP_PROSE),
+        code(SETUP_CODE),
+        md("""## Parameters
+
+`PROFILE` picks a preset: `paper` (your Kaggle folder, ImageNet weights, native input size, up to 20
+epochs with early stopping), `demo` (no dataset needed: a synthetic stand-in, small images, few epochs)
+or `smoke` (tiny, for CI); `auto` means `paper` when `DATA_DIR` exists and `demo` otherwise. `None`
+keeps the profile's value. The environment variable `BLOODCELL_PROFILE` overrides the profile."""),
+        parameters_cell("""DATA_DIR = None  # the Kaggle folder (or one/two levels above it); None → synthetic demo set
+PROFILE = "auto"  # auto | paper | demo | smoke
+EPOCHS = None  # total over both training phases
+IMAGE_SIZE = None  # "native" or pixels
+BATCH_SIZE = None
+WEIGHTS = None  # "imagenet", "none" or a path to a weights file
+OUTPUT_DIR = "../Saved Models"
+SEED = 42"""),
+        code(f"""from bloodcell_lib import study
+
+cfg = study.configure(
+    "{arch}", profile=PROFILE, data_dir=DATA_DIR, epochs=EPOCHS, image_size=IMAGE_SIZE,
+    batch_size=BATCH_SIZE, weights=WEIGHTS, output_dir=OUTPUT_DIR, seed=SEED,
+)
+print(study.describe(cfg))"""),
+        md("""## Data checking
+
+Every file is decoded once. Unreadable, empty and non-image files are skipped and named; grayscale,
+RGBA, 16-bit and CMYK images are converted to RGB; exact and near-duplicate copies (rotations, flips,
+brightness changes) are grouped. Nothing is ever written into the dataset folder."""),
+        code("report = study.check_data(cfg)"),
+        code("study.show_class_examples(report)"),
+        code("study.problems_table(report)"),
+        md("""Duplicate groups per class: the Kaggle set holds augmented copies of fewer original cells. Copies of
+one cell must never be split between training and test, or the test score measures memory."""),
+        code("study.duplicate_groups_table(report)"),
+        md(f"""## Preprocessing
+
+The split is stratified by class and grouped by duplicate group, and it is saved once and reused by every
+model of the study. Images are decoded once, resized and cached as uint8; the training subset alone is
+augmented; {title}'s own `preprocess_input` is the last step."""),
+        code("""from bloodcell_lib.split import split_summary
+
+split = study.prepare_split(cfg, report)
+print(split_summary(split))"""),
+        code("study.show_preprocessing(cfg, split)"),
+        code("study.show_augmentation(cfg, split)"),
+        md("""## Training
+
+Phase 1 trains the new head on a frozen base (BatchNorm in inference mode); phase 2 unfreezes the top
+layers (BatchNorm stays frozen) at a lower learning rate. Early stopping restores the best weights. A
+disconnected run resumes from its last finished epoch when this cell is run again."""),
+        code("result = study.train(cfg, split)"),
+        code("study.show_curves(result)"),
+        md("""## Evaluation
+
+One prediction pass over the test subset, written to a predictions CSV; every number below is computed
+from that file. Intervals are 95% bootstrap intervals that resample whole duplicate groups."""),
+        code("""results = study.evaluate(cfg, result, split)
+study.metrics_table(results)"""),
+        code('study.show_figure(results, "confusion_normalised")'),
+        code('study.show_figure(results, "roc")'),
+        code("study.classification_report_table(results)"),
+        md("""## Explainability
+
+Grad-CAM on the registry's last convolutional layer, for right and wrong predictions of every class.
+*Focus* is the share of heatmap energy on the cell divided by the cell's share of the image (1 = no
+better than chance); *deletion AUC* is the class probability as the most salient pixels are removed
+(lower is better); *sanity* is the rank correlation with the heatmaps of a weight-randomised copy
+(should be low)."""),
+        code('study.show_figure(results, "gradcam")'),
+        code("study.explainability_table(results)"),
+        md("""## Saving
+
+The model (`.keras`, loadable with `keras.models.load_model(path, safe_mode=True)`), its training history
+(JSON, and the pickle of the original notebooks), predictions, results and figures. Every file is written
+atomically: a crash never leaves half a model in place of a good one."""),
+        code("study.outputs_written(cfg)"),
+    ]
+
+
+def comparison_cells() -> list:
+    """The cells of the Comparison notebook."""
+    md, code = new_markdown_cell, new_code_cell
+    return [
+        md("""# Comparison: which network tells the five blood-cell types apart best?
+
+Reads every `*_results.json`, training history and predictions file in the output folder and compares the
+networks on the same test images: metrics with 95% intervals, myeloblast recall, calibration,
+explanation quality and cost. Models that have not been run yet are listed, not fatal.
+
+*Research software, not a medical device.*"""),
+        md(SETUP_PROSE),
+        code(SETUP_CODE),
+        md("## Parameters"),
+        parameters_cell("""OUTPUT_DIR = "../Saved Models"  # the folder the model notebooks wrote to"""),
+        md("""## The table
+
+The colour-only shortcut baseline (logistic regression on background colour) is trained on the same
+split: a network is only interesting by the margin it adds above it."""),
+        code("""from bloodcell_lib import study
+
+comparison = study.compare(OUTPUT_DIR)
+study.comparison_table(comparison)"""),
+        code("study.missing_table(comparison)"),
+        md("## Metrics with interval whiskers"),
+        code('study.show_metric_bars(comparison, "macro_f1")'),
+        code('study.show_metric_bars(comparison, "myeloblast_recall")'),
+        md("## Accuracy against cost"),
+        code('study.show_cost_scatter(comparison, "flops_per_image")'),
+        code('study.show_cost_scatter(comparison, "latency_ms")'),
+        md("""## Are the differences real?
+
+McNemar p-values for every pair of models on the same test images (small p: the two models err on
+different images more often than chance would explain)."""),
+        code("study.show_mcnemar(comparison)"),
+        md("## Grad-CAM on the same test images, side by side"),
+        code("study.show_gradcam_side_by_side(OUTPUT_DIR)"),
+        md("""## Shortcut and leakage
+
+The baseline row shows what background colour alone achieves. The leakage delta (when a model was also
+run on an image-level split) shows how much a random image split inflates accuracy."""),
+        code("study.shortcut_and_leakage(comparison)"),
+        md("## Conclusion"),
+        code("study.show_conclusion(comparison)"),
+    ]
+
+
+def build_notebook(cells: list):
+    """A notebook with the given cells and a Python 3 kernel, no outputs."""
+    nb = new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    nb.metadata["colab"] = {"provenance": []}
+    nb.metadata["accelerator"] = "GPU"
+    for i, cell in enumerate(nb.cells):
+        cell["id"] = f"cell-{i:02d}"
+    return nb
+
+
+def rendered() -> dict[str, str]:
+    """Every notebook's file name and its rendered JSON text."""
+    books = {f"{title}.ipynb": build_notebook(model_cells(title, arch)) for title, arch in MODEL_NOTEBOOKS.items()}
+    books["Comparison.ipynb"] = build_notebook(comparison_cells())
+    return {name: nbformat.writes(nb) + "\n" for name, nb in books.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the notebooks, or with --check report which committed ones differ."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 on a difference")
+    args = parser.parse_args(argv)
+    stale = []
+    for name, text in rendered().items():
+        path = HERE / name
+        if args.check:
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                stale.append(name)
+        else:
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path}")
+    if stale:
+        print("Out of date (run python notebooks/render.py): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

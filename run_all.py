@@ -1,0 +1,108 @@
+"""Run the whole study headlessly: every model notebook with papermill, then the Comparison notebook.
+
+    python run_all.py                                   # demo profile on the synthetic set (no data needed)
+    python run_all.py --data-dir "Blood Cell Images"    # the study on the Kaggle folder (paper profile)
+    python run_all.py --profile smoke --output OUT      # tiny run, as in CI
+
+Everything the run writes — models, histories, results, figures, executed notebooks — goes to --output.
+One failing notebook does not stop the others; the summary at the end names it and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+NOTEBOOKS = HERE / "notebooks"
+
+
+def model_notebooks() -> dict[str, Path]:
+    """Registry key → model notebook path, in the registry's order."""
+    sys.path.insert(0, str(NOTEBOOKS))
+    from render import MODEL_NOTEBOOKS
+
+    return {key: NOTEBOOKS / f"{title}.ipynb" for title, key in MODEL_NOTEBOOKS.items()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options of the main job."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", help="the Kaggle folder; omitted → a synthetic stand-in is generated")
+    parser.add_argument("--profile", default="auto", choices=("auto", "paper", "demo", "smoke"))
+    parser.add_argument("--models", nargs="+", help="registry keys or notebook names (default: all five)")
+    parser.add_argument("--epochs", type=int, help="total epochs over both phases (default: the profile's)")
+    parser.add_argument("--output", default=str(HERE / "Saved Models"), help="where everything of the run goes")
+    return parser.parse_args(argv)
+
+
+def choose_models(requested: list[str] | None, available: dict[str, Path]) -> dict[str, Path]:
+    """The notebooks to run; names are matched case-insensitively against keys and notebook stems."""
+    if not requested:
+        return available
+    by_name = {**{k: k for k in available}, **{p.stem.casefold(): k for k, p in available.items()}}
+    chosen, unknown = {}, []
+    for name in requested:
+        key = by_name.get(name.casefold())
+        if key is None:
+            unknown.append(name)
+        else:
+            chosen[key] = available[key]
+    if unknown:
+        raise SystemExit(f"Unknown model(s): {', '.join(unknown)}. Choose from: {', '.join(available)}.")
+    return chosen
+
+
+def run_notebook(source: Path, target: Path, parameters: dict) -> tuple[bool, float, str]:
+    """Execute one notebook with papermill; return (ok, seconds, error text)."""
+    import papermill
+
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(source), str(target), parameters=parameters, cwd=str(source.parent),
+                                   kernel_name="python3", progress_bar=False, log_output=False)
+        return True, time.perf_counter() - start, ""
+    except Exception as exc:  # noqa: BLE001 — one failing notebook must not stop the others
+        message = str(exc).strip().splitlines()
+        return False, time.perf_counter() - start, message[-1] if message else exc.__class__.__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen model notebooks, then the Comparison; return 0 only when all succeeded."""
+    args = parse_args(argv)
+    output = Path(args.output).resolve()
+    executed = output / "executed_notebooks"
+    executed.mkdir(parents=True, exist_ok=True)
+    models = choose_models(args.models, model_notebooks())
+    profile = args.profile
+    if profile == "auto":
+        profile = "paper" if args.data_dir else "demo"
+    if args.data_dir is None and len(sys.argv if argv is None else argv) <= 1:
+        print("No arguments: running the main job on the embedded default — the demo profile on a generated "
+              "synthetic set. Pass --data-dir with the Kaggle folder for the real study.")
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    parameters = {"DATA_DIR": data_dir, "PROFILE": profile, "EPOCHS": args.epochs, "OUTPUT_DIR": str(output)}
+    print(f"Profile {profile}; output {output}; {len(models)} model notebook(s) then Comparison.")
+
+    results: list[tuple[str, bool, float, str]] = []
+    jobs = [(key, path, parameters) for key, path in models.items()]
+    jobs.append(("comparison", NOTEBOOKS / "Comparison.ipynb", {"OUTPUT_DIR": str(output)}))
+    for i, (key, source, params) in enumerate(jobs, 1):
+        print(f"[{i}/{len(jobs)}] {source.name} ...", flush=True)
+        ok, seconds, error = run_notebook(source, executed / source.name, params)
+        status = "ok" if ok else f"FAILED: {error}"
+        print(f"[{i}/{len(jobs)}] {source.name} {status} ({seconds:.0f} s)", flush=True)
+        results.append((source.name, ok, seconds, error))
+
+    failed = [r for r in results if not r[1]]
+    print("\nSummary")
+    for name, ok, seconds, error in results:
+        print(f"  {'ok    ' if ok else 'FAILED'} {name:24s} {seconds:7.0f} s {error}")
+    print(f"Executed notebooks in {executed}; comparison table in {output / 'comparison.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
