@@ -1,0 +1,334 @@
+"""tf.data input pipeline: split rows → decoded, resized uint8 images (cached once) → shuffle → batch →
+augment (training only) → the architecture's preprocess_input (always last) → prefetch.
+
+What is cached is uint8 S×S×3, a quarter of float32: the whole set is never held as float32 in memory.
+Decoding: TensorFlow's decoders where they give the same pixels as Pillow (checked per file from its
+header); everything else (TIFF, WebP, CMYK or EXIF-rotated JPEG, 16-bit or transparent PNG, palette BMP)
+goes through images.read_rgb, so the pipeline sees what check-data, predict and Grad-CAM see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from PIL import Image
+
+from bloodcell_lib.classes import CLASSES
+from bloodcell_lib.errors import ConfigError, DatasetError, ImageDecodeError
+from bloodcell_lib.images import MAX_PIXELS, read_rgb
+
+logger = logging.getLogger(__name__)
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+# How each file is decoded (an int per file, so one switch_case inside the graph decides).
+ROUTE_JPEG, ROUTE_TF, ROUTE_PILLOW = 0, 1, 2
+# Pillow modes whose TensorFlow decoding matched Pillow's pixel for pixel (TF 2.21; RGB JPEG/PNG and the
+# Pillow-only cases are re-checked in tests/test_pipeline.py). JPEG: decode_jpeg needs INTEGER_ACCURATE (Pillow's
+# IDCT); the default fast IDCT differs by up to 4 levels. CMYK JPEG goes to Pillow: TensorFlow decodes one
+# without the Adobe marker as black. Palette BMPs come out with wrong colours from TensorFlow.
+_TF_MODES = {"JPEG": ("RGB", "L"), "PNG": ("RGB", "L", "P", "1"), "GIF": ("P", "L"), "BMP": ("RGB", "L")}
+_EXIF_ORIENTATION = 0x0112
+
+# A shuffle buffer after a memory cache shares the cached tensors; after a file cache (or none) it holds
+# its own copies, so it is capped at this many bytes of uint8 images.
+_SHUFFLE_BUFFER_BYTES = 1 << 30
+# Bump when the decoded pixels change, so stale file caches are not reused.
+_CACHE_VERSION = "1"
+
+# Training augmentation strength: brightness shift (fraction of 255) and contrast factor range.
+BRIGHTNESS_DELTA = 0.1
+CONTRAST_RANGE = (0.9, 1.1)
+
+
+def make_dataset(
+    split: pd.DataFrame | str | Path,
+    subset: str,
+    image_size: int,
+    preprocess: Callable[[Any], Any] | None,
+    batch_size: int = 32,
+    augment: bool | None = None,
+    shuffle: bool | None = None,
+    cache: str | Path | None = "memory",
+    seed: int = 0,
+    data_root: str | Path | None = None,
+) -> tf.data.Dataset:
+    """Return a tf.data.Dataset of (float32 [B,S,S,3] after `preprocess`, int32 [B] CLASSES indices).
+
+    augment/shuffle None → on for "train" only. cache: "memory", "none", or a folder for tf.data's file
+    cache (one file set per subset, size and file list). With shuffle off, batches follow the split's row
+    order for the subset. preprocess gets float32 RGB in [0, 255] and is applied last.
+    """
+    rows, root = _subset_rows(split, subset, data_root)
+    size = _check_size(image_size)
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
+    shuffle = subset == "train" if shuffle is None else bool(shuffle)
+    augment = subset == "train" if augment is None else bool(augment)
+    files = _resolve_files(rows, root)
+    labels = rows["label"].map(CLASSES.index).to_numpy(dtype=np.int32)
+
+    ds = decoded_dataset(files, labels, size)
+    cache_kind, ds = _cache(ds, cache, subset, size, files, labels)
+    if shuffle:
+        ds = ds.shuffle(_shuffle_buffer(len(files), size, cache_kind), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    if augment:
+        # One fresh random stream per epoch, reproducible from `seed`.
+        noise = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip(ds, noise).map(
+            lambda batch, r: (augment_batch(batch[0], tf.stack([tf.constant(seed, tf.int64), r])), batch[1]),
+            num_parallel_calls=AUTOTUNE, deterministic=True,
+        )
+    ds = ds.map(_preprocess_fn(preprocess), num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.prefetch(AUTOTUNE)
+
+
+def load_images(
+    split: pd.DataFrame | str | Path,
+    subset: str,
+    image_size: int,
+    data_root: str | Path | None = None,
+    limit: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Return (uint8 N×S×S×3, int labels, relative paths) of a subset in split order, decoded like make_dataset.
+
+    limit: at most this many images, taken round-robin over the classes (in split order) so each class shows.
+    """
+    rows, root = _subset_rows(split, subset, data_root)
+    size = _check_size(image_size)
+    if limit is not None:
+        rows = rows.iloc[_round_robin(rows["label"].to_numpy(), max(0, int(limit)))]
+    labels = rows["label"].map(CLASSES.index).to_numpy(dtype=np.int64)
+    paths = rows["path"].astype(str).tolist()
+    if rows.empty:
+        return np.zeros((0, size, size, 3), np.uint8), labels, paths
+    files = _resolve_files(rows, root)
+    ds = decoded_dataset(files, labels.astype(np.int32), size).batch(64)
+    images = np.concatenate([x.numpy() for x, _ in ds], axis=0)
+    return images, labels, paths
+
+
+def class_weights(labels: Sequence[int] | np.ndarray, num_classes: int = len(CLASSES)) -> dict[int, float]:
+    """Return balanced class weights n / (k · n_c) like sklearn's compute_class_weight (k = classes present).
+
+    A class absent from `labels` gets weight 0.0: it never occurs, so its weight is never used, and
+    listing it keeps the dict complete for Keras.
+    """
+    y = np.asarray(labels).ravel()
+    if y.size == 0:
+        raise DatasetError("class_weights got no labels; the training subset is empty.")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes:
+        raise DatasetError(f"class_weights needs integer labels in 0..{num_classes - 1}, "
+                           f"got values {np.unique(y)[:10]}.")
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = y.size / (present.sum() * counts[present])
+    return {i: float(w) for i, w in enumerate(weights)}
+
+
+def augment_image(image: np.ndarray, seed: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """Return one uint8 image through the training augmentation (for showing it; training skips the rounding)."""
+    out = augment_batch(tf.convert_to_tensor(np.asarray(image)[None]), tf.constant(seed, tf.int64))[0]
+    return np.clip(np.rint(out.numpy()), 0, 255).astype(np.uint8)
+
+
+def augment_batch(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Randomly rotate by 90° steps and mirror (all 8 orientations), shift brightness and contrast per image.
+
+    Works on a batch of square images (uint8 or float in [0, 255]); returns float32 clipped to [0, 255].
+    A cell has no up, down, left or right on a slide, so every orientation is a valid sample.
+    """
+    n = tf.shape(images)[0]
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=4)
+    turns = tf.random.stateless_uniform([n], seeds[0], 0, 4, dtype=tf.int32)
+    mirror = tf.random.stateless_uniform([n], seeds[1]) < 0.5
+
+    def orient(args: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> tf.Tensor:
+        image, k, flip = args
+        image = tf.image.rot90(image, k)
+        return tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
+
+    # Per image (map_fn) on the batch's own dtype: several times faster than batch-wide tf.where selects.
+    x = tf.map_fn(orient, (images, turns, mirror), fn_output_signature=images.dtype)
+    x = tf.cast(x, tf.float32)
+    delta = tf.random.stateless_uniform([n, 1, 1, 1], seeds[2], -BRIGHTNESS_DELTA, BRIGHTNESS_DELTA) * 255.0
+    factor = tf.random.stateless_uniform([n, 1, 1, 1], seeds[3], *CONTRAST_RANGE)
+    mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+    # Contrast about each channel's mean (like tf.image.adjust_contrast), then brightness, then clip.
+    return tf.clip_by_value(x * factor + (mean * (1.0 - factor) + delta), 0.0, 255.0)
+
+
+def decoded_dataset(files: Sequence[tuple[str, int]], labels: np.ndarray, image_size: int) -> tf.data.Dataset:
+    """Return a dataset of (uint8 [S,S,3], int32 label) in the order of `files` ((path, route) pairs)."""
+    paths = tf.constant([f for f, _ in files], tf.string)
+    routes = tf.constant([r for _, r in files], tf.int32)
+    ds = tf.data.Dataset.from_tensor_slices((paths, routes, tf.constant(labels, tf.int32)))
+    return ds.map(
+        lambda path, route, label: (decode_and_resize(path, route, image_size), label),
+        num_parallel_calls=AUTOTUNE, deterministic=True,
+    )
+
+
+def decode_and_resize(path: tf.Tensor, route: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Decode one file to RGB and resize it to S×S (bilinear, antialiased, rounded to uint8 like predict)."""
+
+    def tf_jpeg() -> tf.Tensor:
+        return tf.io.decode_jpeg(tf.io.read_file(path), channels=3, dct_method="INTEGER_ACCURATE")
+
+    def tf_other() -> tf.Tensor:
+        return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+
+    def pillow() -> tf.Tensor:
+        return tf.numpy_function(_read_rgb_bytes, [path], tf.uint8, stateful=False)
+
+    image = tf.switch_case(route, [tf_jpeg, tf_other, pillow])
+    image = tf.ensure_shape(image, [None, None, 3])
+    resized = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
+def decode_route(path: str | Path) -> int:
+    """Return ROUTE_JPEG, ROUTE_TF or ROUTE_PILLOW for a file, from its header (no pixels decoded)."""
+    try:
+        with Image.open(path) as img:
+            fmt, mode, (width, height) = img.format, img.mode, img.size
+            transparent = "transparency" in img.info
+            # Only read EXIF already in the header: for PNG, getexif() without it would decode the image.
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1) if "exif" in img.info else 1
+    except Exception:  # noqa: BLE001 - read_rgb turns any failure into a clear ImageDecodeError
+        read_rgb(path)
+        return ROUTE_PILLOW
+    if width * height > MAX_PIXELS or transparent or orientation not in (0, 1) or mode not in _TF_MODES.get(fmt, ()):
+        return ROUTE_PILLOW
+    return ROUTE_JPEG if fmt == "JPEG" else ROUTE_TF
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Internals
+
+
+def _read_rgb_bytes(path: bytes) -> np.ndarray:
+    return np.ascontiguousarray(read_rgb(path.decode("utf-8")), dtype=np.uint8)
+
+
+def _subset_rows(split: pd.DataFrame | str | Path, subset: str,
+                 data_root: str | Path | None) -> tuple[pd.DataFrame, Path]:
+    """Return the split's rows of one subset (in split order) and the data root they are relative to."""
+    if not isinstance(split, pd.DataFrame):
+        from bloodcell_lib.split import load_split
+
+        split = load_split(split, data_root=data_root)
+    if subset not in ("train", "val", "test"):
+        raise ConfigError(f"subset must be 'train', 'val' or 'test', got {subset!r}.")
+    missing = {"path", "label", "subset"} - set(split.columns)
+    if missing:
+        raise DatasetError(f"The split lacks column(s) {', '.join(sorted(missing))}; load it with split.load_split.")
+    root = data_root if data_root is not None else split.attrs.get("data_root")
+    if not root:
+        raise DatasetError("The split does not say which folder its paths are relative to (no attrs['data_root']); "
+                           "pass data_root= (--data-dir) with the dataset folder.")
+    rows = split[split["subset"] == subset]
+    if rows.empty:
+        sizes = split["subset"].value_counts().to_dict()
+        raise DatasetError(f"The split's {subset!r} subset is empty (subset sizes: {sizes}); re-make the split "
+                           "with `python -m bloodcell_lib split` on a larger dataset or with other fractions.")
+    bad = sorted(set(rows["label"]) - set(CLASSES))
+    if bad:
+        raise DatasetError(f"The split's {subset!r} subset holds unknown label(s) {bad}; "
+                           f"expected {', '.join(CLASSES)}.")
+    return rows, Path(root).expanduser()
+
+
+def _resolve_files(rows: pd.DataFrame, root: Path) -> list[tuple[str, int]]:
+    """Return (absolute path, decode route) per row; DatasetError naming missing files."""
+    full = [root / p for p in rows["path"].astype(str)]
+    missing = [str(p) for p, f in zip(rows["path"], full) if not f.is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DatasetError(
+            f"{len(missing)} of {len(full)} files of the split are missing under {root}: {shown}. "
+            "If the dataset moved, pass its folder with --data-dir (data_root=); if files were removed, run "
+            "`python -m bloodcell_lib check-data` and re-make the split with `python -m bloodcell_lib split`."
+        )
+    try:
+        return [(str(f), decode_route(f)) for f in full]
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"{exc} Run `python -m bloodcell_lib check-data` and re-make the split.") from exc
+
+
+def _check_size(image_size: Any) -> int:
+    try:
+        size = int(image_size)
+    except (TypeError, ValueError):
+        size = 0
+    if size < 1 or size != image_size:
+        raise ConfigError(f"image_size must be a positive number of pixels, got {image_size!r} "
+                          "(resolve 'native' through the registry first).")
+    return size
+
+
+def _cache(ds: tf.data.Dataset, cache: str | Path | None, subset: str, size: int,
+           files: list[tuple[str, int]], labels: np.ndarray) -> tuple[str, tf.data.Dataset]:
+    """Cache the decoded uint8 stage: in memory, in files under a folder, or not at all."""
+    if cache is None or cache is False or (isinstance(cache, str) and cache.casefold() == "none"):
+        return "none", ds
+    if cache is True or (isinstance(cache, str) and cache.casefold() == "memory"):
+        return "memory", ds.cache()
+    folder = Path(cache).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    # tf.data silently reuses whatever cache sits at a path, so the name pins down what it holds.
+    key = hashlib.sha256("\n".join([_CACHE_VERSION, str(size)] + [f"{f}\t{y}" for (f, _), y in zip(files, labels)])
+                         .encode("utf-8")).hexdigest()[:16]
+    prefix = folder / f"{subset}-{size}px-{key}"
+    _remove_stale_lock(prefix)
+    return "file", ds.cache(str(prefix))
+
+
+def _remove_stale_lock(prefix: Path) -> None:
+    """Delete what an interrupted cache write left behind (its lockfile makes every later run fail).
+
+    A run killed mid-epoch (Colab disconnect, kernel restart) leaves `<prefix>_0.lockfile`; tf.data then
+    refuses the cache until it is deleted. Two processes must therefore not share one cache folder at once.
+    """
+    if Path(f"{prefix}.index").exists():
+        return
+    leftovers = [*prefix.parent.glob(f"{prefix.name}_*.lockfile"), *prefix.parent.glob(f"{prefix.name}_*.tempstate*")]
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    if leftovers:
+        logger.warning("Removed an unfinished tf.data cache at %s (an earlier run stopped mid-epoch).", prefix)
+
+
+def _shuffle_buffer(n: int, size: int, cache_kind: str) -> int:
+    if cache_kind == "memory":
+        return n
+    return max(1, min(n, _SHUFFLE_BUFFER_BYTES // (size * size * 3)))
+
+
+def _preprocess_fn(preprocess: Callable[[Any], Any] | None):
+    def apply(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        x = tf.cast(images, tf.float32)
+        if preprocess is not None:
+            x = tf.cast(preprocess(x), tf.float32)
+        return x, labels
+
+    return apply
+
+
+def _round_robin(labels: np.ndarray, limit: int) -> np.ndarray:
+    """Return up to `limit` row positions, one class after another in split order, sorted back into split order."""
+    queues = [list(np.flatnonzero(labels == c)) for c in CLASSES]
+    chosen: list[int] = []
+    while len(chosen) < limit and any(queues):
+        for q in queues:
+            if q and len(chosen) < limit:
+                chosen.append(q.pop(0))
+    return np.sort(np.asarray(chosen, dtype=int))

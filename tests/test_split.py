@@ -1,0 +1,230 @@
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bloodcell_lib.classes import CLASSES
+from bloodcell_lib.errors import SplitError
+from bloodcell_lib.split import (
+    IMAGE_SPLIT_WARNING,
+    class_share_gap,
+    load_split,
+    make_split,
+    save_split,
+    sidecar_path,
+    split_sha256,
+    split_summary,
+)
+
+
+def cells_frame(root, groups_per_class=(40, 30, 50, 45, 35), max_copies=3, seed=0):
+    """One row per image; each group holds 1..max_copies copies of one cell (as check-data reports them)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, n_groups in zip(CLASSES, groups_per_class):
+        for g in range(n_groups):
+            for k in range(rng.integers(1, max_copies + 1)):
+                rows.append((f"{label}/{label[:3].upper()}_{g:03d}_{k}.jpg", label, f"{label}-g{g:03d}"))
+    frame = pd.DataFrame(rows, columns=["path", "label", "group"])
+    frame.attrs["data_root"] = str(root)
+    return frame
+
+
+def _has_dataset_module():
+    try:
+        import bloodcell_lib.dataset  # noqa: F401  (written alongside; optional for these tests)
+    except ImportError:
+        return False
+    return True
+
+
+def subsets_per_group(split):
+    return split.groupby("group")["subset"].nunique()
+
+
+def test_no_group_in_two_subsets_and_every_class_everywhere(tmp_path):
+    split = make_split(cells_frame(tmp_path))
+    assert (subsets_per_group(split) == 1).all()
+    assert set(split["subset"]) == {"train", "val", "test"}
+    for subset in ("train", "val", "test"):
+        assert set(split.loc[split["subset"] == subset, "label"]) == set(CLASSES)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42])
+def test_class_shares_within_five_points_and_fractions_near_target(tmp_path, seed):
+    split = make_split(cells_frame(tmp_path, seed=seed), seed=seed)
+    assert class_share_gap(split) <= 0.05
+    fractions = split["subset"].value_counts(normalize=True)
+    assert abs(fractions["test"] - 0.15) < 0.03
+    assert abs(fractions["val"] - 0.15) < 0.03
+
+
+def test_same_seed_same_csv_other_seed_other_csv(tmp_path):
+    frame = cells_frame(tmp_path / "data")
+    a, b, c = (save_split(make_split(frame, seed=s), tmp_path / f"{name}.csv")
+               for name, s in (("a", 7), ("b", 7), ("c", 8)))
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+
+
+def test_metadata_groups_are_merged_with_duplicate_groups(tmp_path):
+    frame = cells_frame(tmp_path / "data")
+    first = frame.drop_duplicates("group")
+    # Patient P1 owns the first cell of each class, P2 the next 4 basophil cells (named by bare file name).
+    p1 = first.groupby("label").head(1)["path"].tolist()
+    p2 = first[first["label"] == "basophil"].iloc[1:5]["path"].tolist()
+    meta = tmp_path / "metadata.csv"
+    pd.DataFrame({"file": p1 + [p.split("/")[-1] for p in p2], "group": ["P1"] * len(p1) + ["P2"] * len(p2)}
+                 ).to_csv(meta, index=False)
+    split = make_split(frame, metadata=meta, seed=3)
+    assert (subsets_per_group(split) == 1).all()
+    dup_groups = frame.set_index("path")["group"]
+    for paths in (p1, p2):
+        members = split["group"].isin(split.loc[split["path"].isin(paths), "group"])
+        # Every copy of every cell that shares a patient ends up in one merged group and one subset.
+        assert split.loc[members, "group"].nunique() == 1
+        assert split.loc[members, "subset"].nunique() == 1
+        assert set(frame.loc[frame["group"].isin(dup_groups[paths]), "path"]) == set(split.loc[members, "path"])
+
+
+def test_metadata_naming_no_image_or_an_ambiguous_name_is_refused(tmp_path):
+    frame = cells_frame(tmp_path / "data")
+    with pytest.raises(SplitError, match="None of the 1 files"):
+        make_split(frame, metadata=pd.DataFrame({"file": ["nope.jpg"], "group": ["x"]}))
+    frame.loc[1, "path"] = "erythroblast/" + frame.loc[0, "path"].split("/")[-1]
+    with pytest.raises(SplitError, match="matches 2 images"):
+        make_split(frame, metadata=pd.DataFrame({"file": [frame.loc[0, "path"].split("/")[-1]], "group": ["x"]}))
+    with pytest.raises(SplitError, match="columns 'file' and 'group'"):
+        make_split(frame, metadata=pd.DataFrame({"name": ["a"], "patient": ["x"]}))
+
+
+def test_image_split_puts_copies_on_both_sides_and_warns(tmp_path, caplog):
+    frame = cells_frame(tmp_path, max_copies=4)
+    with caplog.at_level(logging.WARNING, logger="bloodcell_lib.split"):
+        split = make_split(frame, split_by="image")
+    # That is the leak it exists to measure: copies of one cell in train and in test.
+    assert (subsets_per_group(split) > 1).sum() > 10
+    assert split["group"].tolist() == frame.set_index("path").loc[split["path"], "group"].tolist()
+    assert IMAGE_SPLIT_WARNING in caplog.text
+    summary = split_summary(split)
+    assert IMAGE_SPLIT_WARNING in summary and "have a copy in train" in summary
+    assert "no group appears in more than one subset" in split_summary(make_split(frame))
+
+
+def test_too_few_groups_is_a_clear_error(tmp_path):
+    with pytest.raises(SplitError, match="monocyte: 2"):
+        make_split(cells_frame(tmp_path, groups_per_class=(10, 10, 2, 10, 10)))
+    # Three groups per class is the minimum: one for each subset.
+    split = make_split(cells_frame(tmp_path, groups_per_class=(3, 3, 3, 3, 3)))
+    assert (subsets_per_group(split) == 1).all()
+    for subset in ("train", "val", "test"):
+        assert set(split.loc[split["subset"] == subset, "label"]) == set(CLASSES)
+
+
+def test_bad_parameters_are_refused(tmp_path):
+    frame = cells_frame(tmp_path)
+    with pytest.raises(SplitError, match="fractions"):
+        make_split(frame, val=0.5, test=0.5)
+    with pytest.raises(SplitError, match="split_by"):
+        make_split(frame, split_by="patient")
+    frame.attrs.clear()
+    with pytest.raises(SplitError, match="data_root"):
+        make_split(frame)
+
+
+def test_save_and_load_round_trip_with_sidecar(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    split = make_split(cells_frame(data), seed=5)
+    path = save_split(split, tmp_path / "out" / "split.csv")
+    side = json.loads(sidecar_path(path).read_text())
+    assert side["data_root"] == str(data.resolve()) and side["seed"] == 5 and side["split_by"] == "group"
+    assert side["val"] == 0.15 and side["test"] == 0.15 and side["created"]
+    assert side["counts"]["test"]["myeloblast"] == int(((split.subset == "test") & (split.label == "myeloblast")).sum())
+    loaded = load_split(path)
+    pd.testing.assert_frame_equal(loaded, split[["path", "label", "group", "subset"]])
+    assert loaded.attrs["data_root"] == str(data.resolve())
+    assert loaded.attrs["split_path"] == str(path) and loaded.attrs["split_by"] == "group"
+    assert len(split_sha256(path)) == 64 and split_sha256(path) == side["csv_sha256"]
+
+
+def test_load_without_sidecar_needs_the_data_dir(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    path = save_split(make_split(cells_frame(data)), tmp_path / "split.csv")
+    sidecar_path(path).unlink()
+    with pytest.raises(SplitError, match="--data-dir"):
+        load_split(path)
+    assert load_split(path, data_root=data).attrs["data_root"] == str(data.resolve())
+    # --data-dir may name the folder a Kaggle zip unpacked to, with the class folders a level below.
+    if _has_dataset_module():
+        first = load_split(path, data_root=data)["path"].iloc[0]
+        for label in CLASSES:
+            (data / label).mkdir()
+        (data / first).write_bytes(b"")
+        assert load_split(path, data_root=tmp_path).attrs["data_root"] == str(data.resolve())
+    with pytest.raises(SplitError, match="does not exist"):
+        load_split(path, data_root=tmp_path / "moved")
+
+
+def test_load_refuses_edited_or_leaking_splits(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    path = save_split(make_split(cells_frame(data)), tmp_path / "split.csv")
+    good = pd.read_csv(path)
+    for column, value, message in (("label", "lymphocyte", "lymphocyte"), ("subset", "holdout", "holdout"),
+                                   ("path", "../etc/passwd", "not a path inside")):
+        bad = good.copy()
+        bad.loc[3, column] = value
+        bad.to_csv(path, index=False)
+        with pytest.raises(SplitError, match=message):
+            load_split(path)
+    leaking = good.copy()
+    group = leaking["group"].value_counts().index[0]  # a group with several copies
+    rows = leaking.index[leaking["group"] == group]
+    leaking.loc[rows[0], "subset"], leaking.loc[rows[1], "subset"] = "train", "test"
+    leaking.to_csv(path, index=False)
+    with pytest.raises(SplitError, match="leaks"):
+        load_split(path)
+
+
+def test_split_is_never_written_into_the_dataset(tmp_path):
+    split = make_split(cells_frame(tmp_path))
+    with pytest.raises(SplitError, match="inside the dataset folder"):
+        save_split(split, tmp_path / "split.csv")
+
+
+def test_cli_split_on_a_synthetic_set(tmp_path):
+    synthetic = pytest.importorskip("bloodcell_lib.synthetic")
+    pytest.importorskip("bloodcell_lib.dataset")
+    data = tmp_path / "synth"
+    manifest = synthetic.make_synthetic_dataset(data, per_class=6, size=48, duplicates=1, seed=0)
+    cells = synthetic.load_manifest(manifest)
+    meta = tmp_path / "cells.csv"
+    cells.rename(columns={"cell_id": "group"})[["file", "group"]].to_csv(meta, index=False)
+    out = tmp_path / "split.csv"
+    cmd = [sys.executable, "-m", "bloodcell_lib", "split", str(data), "--out", str(out), "--seed", "3",
+           "--metadata", str(meta)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "Split written to" in run.stdout and "basophil" in run.stdout
+    split = load_split(out)
+    assert split.attrs["data_root"] == str(data.resolve())
+    joined = split.merge(cells, left_on="path", right_on="file", validate="one_to_one")
+    assert len(joined) == len(cells)
+    assert (joined.groupby("cell_id")["subset"].nunique() == 1).all()  # no cell on two sides
+
+    image_run = subprocess.run(cmd[:-2] + ["--split-by", "image", "--out", str(tmp_path / "leaky.csv")],
+                               capture_output=True, text=True, timeout=120)
+    assert image_run.returncode == 0, image_run.stderr
+    assert IMAGE_SPLIT_WARNING in image_run.stdout and IMAGE_SPLIT_WARNING in image_run.stderr
+
+    too_small = tmp_path / "tiny"
+    synthetic.make_synthetic_dataset(too_small, per_class=1, size=48, duplicates=1, seed=0)
+    tiny_run = subprocess.run([sys.executable, "-m", "bloodcell_lib", "split", str(too_small), "--out",
+                               str(tmp_path / "tiny.csv")], capture_output=True, text=True, timeout=120)
+    assert tiny_run.returncode == 2 and "Too few" in tiny_run.stderr
