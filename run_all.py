@@ -21,10 +21,9 @@ NOTEBOOKS = HERE / "notebooks"
 
 def model_notebooks() -> dict[str, Path]:
     """Registry key → model notebook path, in the registry's order."""
-    sys.path.insert(0, str(NOTEBOOKS))
-    from render import MODEL_NOTEBOOKS
+    from bloodcell_lib.registry import ARCHITECTURES
 
-    return {key: NOTEBOOKS / f"{title}.ipynb" for title, key in MODEL_NOTEBOOKS.items()}
+    return {spec.key: NOTEBOOKS / f"{spec.notebook}.ipynb" for spec in ARCHITECTURES.values()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,6 +5,11 @@ metrics/Grad-CAM/cost → results JSON → comparison. Each module holds one of 
 Heavy modules (TensorFlow) are imported lazily so `python -m bloodcell_lib --help` stays fast.
 """
 
+import os
+
+# TensorFlow's C++ start-up chatter (CUDA probes, oneDNN notes) drowns the notebook's own output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 from bloodcell_lib.classes import CLASSES, canonical_class
 from bloodcell_lib.errors import BloodcellError
 

@@ -17,14 +17,14 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 
-# Notebook file stem → registry key. The registry is the source of truth for everything else.
-MODEL_NOTEBOOKS = {
-    "VGG16": "vgg16",
-    "ResNet50": "resnet50",
-    "Xception": "xception",
-    "DenseNet201": "densenet201",
-    "EfficientNetB3": "efficientnetb3",
-}
+
+
+def model_notebooks() -> dict[str, str]:
+    """Notebook title → registry key; the registry is the one place architectures are listed."""
+    from bloodcell_lib.registry import ARCHITECTURES
+
+    return {spec.notebook: spec.key for spec in ARCHITECTURES.values()}
+
 
 SETUP_PROSE = """## Setup
 
@@ -218,7 +218,7 @@ def build_notebook(cells: list):
 
 def rendered() -> dict[str, str]:
     """Every notebook's file name and its rendered JSON text."""
-    books = {f"{title}.ipynb": build_notebook(model_cells(title, arch)) for title, arch in MODEL_NOTEBOOKS.items()}
+    books = {f"{title}.ipynb": build_notebook(model_cells(title, arch)) for title, arch in model_notebooks().items()}
     books["Comparison.ipynb"] = build_notebook(comparison_cells())
     return {name: nbformat.writes(nb) + "\n" for name, nb in books.items()}
 
