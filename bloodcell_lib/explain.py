@@ -1,0 +1,493 @@
+"""Grad-CAM and Grad-CAM++ heatmaps, overlays, and explanation quality as numbers (focus, deletion, sanity).
+
+Heatmaps are computed for whole batches: one forward and one backward pass per batch, never a Python
+loop per image. This is correct because in inference mode every image's class score depends only on
+its own activations, so the gradient of the *sum* of the batch's scores is each image's own gradient.
+The class score is the pre-softmax logit (recovered from the final Dense layer): gradients of a
+saturated softmax probability vanish and give empty maps for confidently classified cells.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import zlib
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from bloodcell_lib.errors import ConfigError, ModelError
+
+METHODS = ("gradcam", "gradcam++")
+
+
+def gradcam_heatmaps(model, images: np.ndarray, class_indices: Sequence[int] | np.ndarray | None = None,
+                     layer: str | None = None, method: str = "gradcam", batch_size: int = 32) -> np.ndarray:
+    """Return float32 N×H×W heatmaps in [0, 1], upsampled (bilinear) to the image size.
+
+    images: preprocessed float32 N×H×W×3 (what the model takes). class_indices: the class explained per
+    image; None → the predicted class. layer: a 4-D layer of the model; None → `default_layer(model)`.
+    """
+    heat, _ = _heatmaps_and_classes(model, images, class_indices, layer, method, batch_size)
+    return heat
+
+
+def overlay_heatmap(image_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4,
+                    colormap: int | None = None) -> np.ndarray:
+    """Blend a colour-mapped heatmap over an RGB uint8 image and return RGB uint8 (JET by default)."""
+    import cv2
+
+    image = np.asarray(image_uint8)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"overlay_heatmap needs an H×W×3 uint8 RGB image, got {image.dtype} {image.shape}.")
+    heat = np.nan_to_num(np.asarray(heatmap, dtype=np.float32))
+    if heat.shape != image.shape[:2]:
+        heat = cv2.resize(heat, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+    heat8 = np.uint8(np.clip(heat, 0.0, 1.0) * 255.0 + 0.5)
+    colour = cv2.cvtColor(cv2.applyColorMap(heat8, cv2.COLORMAP_JET if colormap is None else colormap),
+                          cv2.COLOR_BGR2RGB)  # OpenCV colour maps are BGR; our images are RGB
+    blend = (1.0 - alpha) * image.astype(np.float32) + alpha * colour.astype(np.float32)
+    return np.clip(blend + 0.5, 0, 255).astype(np.uint8)
+
+
+def stain_mask(image_uint8: np.ndarray) -> np.ndarray:
+    """Return a bool H×W mask of the stained (purple/blue) white cell, found from stain colour alone.
+
+    Steps: white-balance on the glass, then the strongly stained core (Otsu on saturation × a purple/blue
+    hue window; its largest blob), grown into the paler cytoplasm of that hue connected to it, closed
+    and hole-filled. Pink cytoplasm (some erythroblasts) looks like a red cell and is left out.
+    """
+    import cv2
+    from scipy import ndimage
+
+    image = np.asarray(image_uint8)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"stain_mask needs an H×W×3 uint8 RGB image, got {image.dtype} {image.shape}.")
+    side = min(image.shape[:2])
+    balanced = _white_balanced(cv2.GaussianBlur(image, (0, 0), max(0.6, side / 160)))
+    hue, sat, val = np.moveaxis(cv2.cvtColor(balanced, cv2.COLOR_RGB2HSV).astype(np.float32), -1, 0)
+    low, high = _STAIN_HUE
+    in_window = np.clip(np.minimum(hue - (low - _HUE_RAMP), (high + _HUE_RAMP) - hue) / _HUE_RAMP, 0.0, 1.0)
+    core = _stained_core(np.clip(sat * in_window, 0, 255).astype(np.uint8), side)
+    if core is None:
+        return np.zeros(image.shape[:2], dtype=bool)
+    # Paler cytoplasm: stain hue and either more saturated or darker than the glass around the cell.
+    glass = val >= np.percentile(val, 90)
+    pale = (in_window > 0.5) & ((sat > np.median(sat[glass]) + 8) | (val < np.median(val[glass]) - 30))
+    _, labels = cv2.connectedComponents((_opened(pale, side / 64) | core).astype(np.uint8), connectivity=8)
+    mask = np.isin(labels, np.unique(labels[core]))
+    return ndimage.binary_fill_holes(_closed(mask, side / 25))
+
+
+def focus_score(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per image: share of positive heatmap energy inside the mask ÷ the mask's share of the image.
+
+    1 means no better than a uniform map, above 1 that the map concentrates on the cell. NaN when the
+    map has no positive energy or the mask is empty. A single H×W mask applies to every image.
+    """
+    heat = np.maximum(np.asarray(heatmaps, dtype=np.float64), 0.0)
+    if heat.ndim == 2:
+        heat = heat[None]
+    masks = np.asarray(masks, dtype=bool)
+    masks = np.broadcast_to(masks, heat.shape) if masks.ndim == 2 else masks
+    if masks.shape != heat.shape:
+        raise ValueError(f"focus_score: masks {masks.shape} do not match heatmaps {heat.shape}; "
+                         "resize the masks to the heatmap size (nearest neighbour) first.")
+    total = heat.reshape(len(heat), -1).sum(axis=1)
+    inside = (heat * masks).reshape(len(heat), -1).sum(axis=1)
+    share = masks.reshape(len(masks), -1).mean(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = (inside / total) / share
+    score[(total <= 0) | (share <= 0)] = np.nan
+    return score
+
+
+def deletion_auc(model, images: np.ndarray, heatmaps: np.ndarray, class_indices: Sequence[int] | np.ndarray,
+                 steps: int = 10, baseline_value: float | str | None = None, batch_size: int = 32,
+                 seed: int = 0) -> np.ndarray:
+    """Per image: area under the class probability as the most salient pixels are removed (lower = better).
+
+    Pixels are removed in `steps` equal shares, most salient first (ties in random order), and replaced
+    by baseline_value: None → the image's per-channel mean, "blur" → a Gaussian-blurred copy, or a number.
+    Each forward pass holds all images at one step; the curve runs over removed fractions 0..1.
+    """
+    x = np.asarray(images, dtype=np.float32)
+    heat = np.asarray(heatmaps, dtype=np.float32)
+    n, h, w = x.shape[:3]
+    if heat.shape != (n, h, w):
+        raise ValueError(f"deletion_auc: heatmaps {heat.shape} must be N×H×W = {(n, h, w)} like the images.")
+    classes = np.asarray(class_indices, dtype=np.int64).reshape(-1)
+    if len(classes) != n:
+        raise ValueError(f"deletion_auc: {len(classes)} class indices for {n} images.")
+    if steps < 1:
+        raise ConfigError(f"deletion_auc: steps must be at least 1, got {steps}.")
+    base = _deletion_baseline(x, baseline_value)
+    rng = np.random.default_rng(seed)
+    flat = heat.reshape(n, -1)
+    order = np.lexsort((rng.random(flat.shape), -flat), axis=-1)  # most salient first, ties shuffled
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(h * w)[None, :].repeat(n, axis=0), axis=-1)
+    rank = rank.reshape(n, h, w, 1)
+    forward = _compiled_forward(model, x.shape[1:])
+    curve = np.empty((steps + 1, n), dtype=np.float64)
+    for k in range(steps + 1):
+        removed = rank < int(round(k * h * w / steps))
+        proba = _run_batched(forward, np.where(removed, base, x), batch_size)
+        curve[k] = proba[np.arange(n), classes]
+    return (curve[:-1] + curve[1:]).sum(axis=0) / (2.0 * steps)  # trapezoid rule over fractions 0..1
+
+
+def randomised_copy(model, seed: int = 0):
+    """Return a clone of the model with every layer re-initialised from its own (seeded) initialisers.
+
+    All layers are randomised at once, the last step of Adebayo et al.'s cascading randomisation.
+    Re-initialising (not shuffling) keeps BatchNorm statistics consistent, so deep randomised networks
+    stay numerically finite; seeding each layer from (seed, layer name) makes the copy reproducible.
+    """
+    import keras
+
+    def reinitialised(layer):
+        config = layer.get_config()
+        layer_seed = zlib.crc32(f"{seed}:{layer.name}".encode()) & 0x7FFFFFFF
+        for key, value in config.items():
+            if key.endswith("_initializer") and isinstance(value, dict) and "seed" in value.get("config", {}):
+                value["config"]["seed"] = layer_seed
+        return type(layer).from_config(config)
+
+    return keras.models.clone_model(model, clone_function=reinitialised, recursive=True)
+
+
+def sanity_check(model, images: np.ndarray, layer: str | None = None,
+                 class_indices: Sequence[int] | np.ndarray | None = None, method: str = "gradcam",
+                 heatmaps: np.ndarray | None = None, seed: int = 0, batch_size: int = 32) -> dict[str, Any]:
+    """Model-randomisation test: Spearman correlation of the trained model's maps with a randomised copy's.
+
+    A faithful explainer depends on the learned weights, so the correlation should be LOW. The randomised
+    copy explains the same classes as the trained model (its predicted ones unless class_indices given).
+    """
+    layer = layer or default_layer(model)
+    heatmaps, class_indices = _maps_and_classes(model, images, class_indices, heatmaps, layer, method, batch_size)
+    random_maps = gradcam_heatmaps(randomised_copy(model, seed), images, class_indices, layer, method, batch_size)
+    rho = spearman_per_image(heatmaps, random_maps)
+    return {
+        "method": method,
+        "layer": layer,
+        "randomisation": "all layers re-initialised",
+        "spearman_mean": _nan_stat(np.nanmean, rho),
+        "spearman_median": _nan_stat(np.nanmedian, rho),
+        "spearman_per_image": [None if np.isnan(r) else float(r) for r in rho],
+    }
+
+
+def explain_summary(model, images: np.ndarray, masks: np.ndarray | None = None,
+                    class_indices: Sequence[int] | np.ndarray | None = None, layer: str | None = None,
+                    method: str = "gradcam", seed: int = 0, steps: int = 10, batch_size: int = 32,
+                    heatmaps: np.ndarray | None = None, random_baseline: bool = True) -> dict[str, Any]:
+    """Focus, deletion AUC and sanity correlation of one method as a JSON-ready dict for the results file.
+
+    masks: bool N×H×W cell masks (None → no focus score). heatmaps: pass them to skip recomputing.
+    random_baseline adds the deletion AUC of a random pixel order, the reference the real AUC must beat.
+    """
+    layer = layer or default_layer(model)
+    heatmaps, class_indices = _maps_and_classes(model, images, class_indices, heatmaps, layer, method, batch_size)
+    focus = focus_score(heatmaps, masks) if masks is not None else np.array([np.nan])
+    n = len(images)
+    maps, classes, x = np.asarray(heatmaps, np.float32), np.asarray(class_indices), np.asarray(images, np.float32)
+    if random_baseline:  # one deletion run over both orders: the model is traced once
+        noise = np.random.default_rng(seed + 1).random(maps.shape, dtype=np.float32)
+        maps, classes, x = np.concatenate([maps, noise]), np.concatenate([classes, classes]), np.concatenate([x, x])
+    deletion = deletion_auc(model, x, maps, classes, steps=steps, batch_size=batch_size, seed=seed)
+    sanity = sanity_check(model, images, layer, class_indices, method, heatmaps, seed, batch_size)
+    summary = {
+        "method": method,
+        "layer": layer,
+        "n_images": int(n),
+        "focus_mean": _nan_stat(np.nanmean, focus),
+        "focus_median": _nan_stat(np.nanmedian, focus),
+        "deletion_auc_mean": float(np.mean(deletion[:n])),
+        "deletion_steps": int(steps),
+        "sanity_spearman_mean": sanity["spearman_mean"],
+        "sanity_spearman_median": sanity["spearman_median"],
+    }
+    if random_baseline:
+        summary["deletion_auc_random_mean"] = float(np.mean(deletion[n:]))
+    return summary
+
+
+def default_layer(model) -> str:
+    """Return the registry's last conv layer for model.name, else the model's last 4-D (non-pooling) layer."""
+    spec = _registry_spec(model.name)
+    if spec is not None:
+        _check_layer(model, spec.last_conv_layer)
+        return spec.last_conv_layer
+    for candidate in reversed(model.layers):
+        if "Pooling" in type(candidate).__name__ or "Input" in type(candidate).__name__:
+            continue
+        if len(_output_shape(candidate)) == 4:
+            return candidate.name
+    raise ModelError(f"Model {model.name!r} has no 4-D (image-shaped) layer to compute Grad-CAM on; "
+                     "pass layer= with the name of its last convolutional layer.")
+
+
+def spearman_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation of each pair of maps (ties get average ranks; NaN if a map is constant)."""
+    from scipy.stats import rankdata
+
+    ra = rankdata(np.asarray(a, dtype=np.float64).reshape(len(a), -1), axis=1)
+    rb = rankdata(np.asarray(b, dtype=np.float64).reshape(len(b), -1), axis=1)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    denom = np.sqrt((ra ** 2).sum(axis=1) * (rb ** 2).sum(axis=1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = (ra * rb).sum(axis=1) / denom
+    rho[denom == 0] = np.nan
+    return rho
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Internals
+
+# Stain scores are saturation (0-255) weighted by how purple/blue the hue is; below this nothing is stained.
+_MIN_STAIN_SCORE = 25
+# OpenCV hue runs 0-180: blue is 120, violet/purple 130-155, the pink of red cells 160-180 and 0-10.
+_STAIN_HUE = (95.0, 158.0)
+_HUE_RAMP = 8.0
+
+
+def _heatmaps_and_classes(model, images, class_indices, layer, method, batch_size) -> tuple[np.ndarray, np.ndarray]:
+    import tensorflow as tf
+
+    if method not in METHODS:
+        raise ConfigError(f"Unknown explanation method {method!r}; choose one of: {', '.join(METHODS)}.")
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim != 4:
+        raise ValueError(f"gradcam_heatmaps needs images as N×H×W×C, got shape {x.shape}.")
+    n = len(x)
+    if class_indices is None:
+        wanted = np.full(n, -1, dtype=np.int32)  # -1: explain the predicted class
+    else:
+        wanted = np.asarray(class_indices, dtype=np.int32).reshape(-1)
+        if len(wanted) != n:
+            raise ValueError(f"gradcam_heatmaps: {len(wanted)} class indices for {n} images.")
+        n_classes = int(model.outputs[0].shape[-1])
+        if n and (wanted.min() < 0 or wanted.max() >= n_classes):
+            raise ValueError(f"gradcam_heatmaps: class indices must lie in 0..{n_classes - 1} for model "
+                             f"{model.name!r}, got {wanted.min()}..{wanted.max()}.")
+    layer = layer or default_layer(model)
+    fn = _compiled_cam(model, layer, method, x.shape[1:])
+    heat = np.empty(x.shape[:3], dtype=np.float32)
+    classes = np.empty(n, dtype=np.int64)
+    step = max(1, batch_size)
+    with _quiet_tf():
+        for start in range(0, n, step):
+            maps, chosen = fn(tf.constant(x[start:start + step]), tf.constant(wanted[start:start + step]))
+            heat[start:start + step] = maps.numpy()
+            classes[start:start + step] = chosen.numpy()
+    return heat, classes
+
+
+def _maps_and_classes(model, images, class_indices, heatmaps, layer, method, batch_size):
+    """Heatmaps and explained classes, computing only what the caller did not pass."""
+    if heatmaps is None:
+        return _heatmaps_and_classes(model, images, class_indices, layer, method, batch_size)
+    if class_indices is None:
+        x = np.asarray(images, dtype=np.float32)
+        class_indices = _run_batched(_compiled_forward(model, x.shape[1:]), x, batch_size).argmax(axis=1)
+    return np.asarray(heatmaps, dtype=np.float32), np.asarray(class_indices, dtype=np.int64)
+
+
+def _compiled_cam(model, layer: str, method: str, image_shape: tuple[int, ...]):
+    """Trace the batch Grad-CAM function once per call; the unknown batch size lets every batch reuse it.
+
+    Not cached across calls on purpose: a cache keyed by the model would keep every model alive.
+    """
+    import tensorflow as tf
+
+    grad_model, to_scores = _grad_model(model, layer)
+    height, width = image_shape[0], image_shape[1]
+
+    def batch_cam(x, wanted):
+        with tf.GradientTape() as tape:
+            acts, head = grad_model(x, training=False)
+            acts = tf.cast(acts, tf.float32)
+            scores = to_scores(head)
+            chosen = tf.where(wanted < 0, tf.cast(tf.argmax(scores, axis=1), tf.int32), wanted)
+            target = tf.reduce_sum(tf.gather(scores, chosen, axis=1, batch_dims=1))
+        grads = tf.cast(tape.gradient(target, acts), tf.float32)
+        if method == "gradcam":
+            weights = tf.reduce_mean(grads, axis=(1, 2))
+        else:
+            weights = _gradcam_pp_weights(acts, grads)
+        cam = tf.nn.relu(tf.einsum("bhwc,bc->bhw", acts, weights))
+        cam = tf.where(tf.math.is_finite(cam), cam, tf.zeros_like(cam))  # an overflowing random model
+        cam = tf.image.resize(cam[..., None], (height, width), method="bilinear")[..., 0]
+        peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
+        return tf.math.divide_no_nan(cam, peak), chosen
+
+    signature = [tf.TensorSpec([None, *image_shape], tf.float32), tf.TensorSpec([None], tf.int32)]
+    return tf.function(batch_cam, input_signature=signature, autograph=False)
+
+
+def _gradcam_pp_weights(acts, grads):
+    """Grad-CAM++ channel weights (Chattopadhay et al. 2018), closed form with the exponential score.
+
+    With S = exp(logit), the 2nd and 3rd derivatives are exp(logit)·g² and exp(logit)·g³; exp(logit)
+    cancels in alpha and only scales the weights, which the per-image normalisation removes.
+    """
+    import tensorflow as tf
+
+    g2 = tf.square(grads)
+    g3 = g2 * grads
+    act_sum = tf.reduce_sum(acts, axis=(1, 2), keepdims=True)
+    denom = 2.0 * g2 + act_sum * g3
+    alpha = g2 / tf.where(tf.not_equal(denom, 0.0), denom, tf.ones_like(denom))
+    return tf.reduce_sum(alpha * tf.nn.relu(grads), axis=(1, 2))
+
+
+def _grad_model(model, layer: str):
+    """A model giving (layer activations, head input) and a function mapping the head input to class logits."""
+    import keras
+    import tensorflow as tf
+
+    target = _check_layer(model, layer)
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    last = model.layers[-1]
+    activation = getattr(getattr(last, "activation", None), "__name__", "")
+    if isinstance(last, keras.layers.Dense) and activation == "softmax":
+        kernel, bias = last.kernel, last.bias
+
+        def logits(h):
+            z = tf.matmul(tf.cast(h, tf.float32), tf.cast(kernel, tf.float32))
+            return z + tf.cast(bias, tf.float32) if bias is not None else z
+
+        return keras.Model(inputs, [target.output, last.input]), logits
+    if isinstance(last, keras.layers.Activation) and activation == "softmax":
+        return keras.Model(inputs, [target.output, last.input]), lambda h: tf.cast(h, tf.float32)
+    # No softmax to undo: explain whatever the model outputs.
+    return keras.Model(inputs, [target.output, model.output]), lambda h: tf.cast(h, tf.float32)
+
+
+def _check_layer(model, layer: str):
+    try:
+        target = model.get_layer(layer)
+    except ValueError:
+        shaped = [lay.name for lay in model.layers if len(_output_shape(lay)) == 4][-5:]
+        raise ModelError(
+            f"Model {model.name!r} has no layer {layer!r} (the Grad-CAM layer). Its last 4-D layers are "
+            f"{shaped}. Models must be flat functional graphs (base built with input_tensor); "
+            "rebuild with bloodcell_lib.model.build_model or pass layer= explicitly."
+        ) from None
+    if len(_output_shape(target)) != 4:
+        raise ModelError(f"Layer {layer!r} of model {model.name!r} outputs shape {_output_shape(target)}, "
+                         "not a 4-D feature map; Grad-CAM needs a convolutional layer.")
+    return target
+
+
+def _output_shape(layer) -> tuple:
+    try:
+        return tuple(layer.output.shape)
+    except (AttributeError, ValueError):
+        return ()
+
+
+def _registry_spec(name: str):
+    try:
+        from bloodcell_lib.registry import get_arch
+    except ImportError:
+        return None
+    try:
+        return get_arch(name)
+    except ConfigError:
+        return None
+
+
+def _compiled_forward(model, image_shape: tuple[int, ...]):
+    """Inference-mode forward pass traced once for any batch size (model.predict re-plans on every call)."""
+    import tensorflow as tf
+
+    signature = [tf.TensorSpec([None, *image_shape], tf.float32)]
+    return tf.function(lambda x: model(x, training=False), input_signature=signature, autograph=False)
+
+
+def _run_batched(fn, x: np.ndarray, batch_size: int) -> np.ndarray:
+    step = max(1, batch_size)
+    with _quiet_tf():
+        parts = [np.asarray(fn(x[i:i + step]), dtype=np.float64) for i in range(0, len(x), step)]
+    return np.concatenate(parts)
+
+
+@contextlib.contextmanager
+def _quiet_tf() -> Iterator[None]:
+    """Silence TensorFlow's 'frequent retracing' warning: we trace one function per call on purpose."""
+    import tensorflow as tf
+
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _deletion_baseline(x: np.ndarray, baseline_value: float | str | None) -> np.ndarray:
+    if baseline_value is None or baseline_value == "mean":
+        return x.mean(axis=(1, 2), keepdims=True)
+    if baseline_value == "blur":
+        import cv2
+
+        sigma = max(x.shape[1:3]) / 16.0
+        return np.stack([cv2.GaussianBlur(img, (0, 0), sigmaX=sigma) for img in x]).reshape(x.shape)
+    if isinstance(baseline_value, (int, float)):
+        return np.full((1, 1, 1, 1), float(baseline_value), dtype=np.float32)
+    raise ConfigError(f"deletion_auc: baseline_value must be None, 'mean', 'blur' or a number, "
+                      f"got {baseline_value!r}.")
+
+
+def _stained_core(score: np.ndarray, side: int) -> np.ndarray | None:
+    """The largest blob above Otsu's threshold of the stain score, or None if nothing is stained."""
+    import cv2
+
+    if int(score.max()) < _MIN_STAIN_SCORE:
+        return None
+    threshold, _ = cv2.threshold(score, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    core = _opened(score > max(threshold, _MIN_STAIN_SCORE - 1), side / 100)  # drop speckle first
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(core.astype(np.uint8), connectivity=8)
+    if count <= 1:
+        return None
+    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+
+
+def _white_balanced(image: np.ndarray) -> np.ndarray:
+    """Scale channels so the glass (brightest tenth of pixels) is neutral: hue then means stain, not lamp."""
+    rgb = image.astype(np.float32)
+    brightness = rgb.sum(axis=2)
+    glass = np.median(rgb[brightness >= np.percentile(brightness, 90)], axis=0)
+    return np.clip(rgb * (glass.mean() / np.maximum(glass, 1.0)), 0, 255).astype(np.uint8)
+
+
+def _opened(mask: np.ndarray, size: float) -> np.ndarray:
+    import cv2
+
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (_odd(size), _odd(size)))
+    return cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)
+
+
+def _closed(mask: np.ndarray, size: float) -> np.ndarray:
+    import cv2
+
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (_odd(size), _odd(size)))
+    pad = kernel.shape[0]  # pad so a cell touching the border is not cut by the closing's edge handling
+    padded = cv2.copyMakeBorder(mask.astype(np.uint8), pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+    return cv2.morphologyEx(padded, cv2.MORPH_CLOSE, kernel)[pad:-pad, pad:-pad].astype(bool)
+
+
+def _odd(value: float) -> int:
+    return max(3, int(round(value)) | 1)
+
+
+def _nan_stat(fn, values: np.ndarray) -> float | None:
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0 or np.all(np.isnan(values)):
+        return None
+    return float(fn(values))

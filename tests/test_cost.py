@@ -1,0 +1,91 @@
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bloodcell_lib.cost import analytic_flops, device_name, graph_flops, measure_cost
+from bloodcell_lib.errors import ModelError
+
+# Conv 3×3, 3→8 channels on 16×16 ('same'), global average pooling, Dense 8→2: counted by hand,
+# a multiply-add as two FLOPs, plus one per bias add.
+CONV_FLOPS = 2 * 16 * 16 * 8 * (3 * 3 * 3) + 16 * 16 * 8
+DENSE_FLOPS = 2 * 8 * 2 + 2
+
+
+def tiny_net():
+    inp = keras.Input((16, 16, 3))
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(inp)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inp, keras.layers.Dense(2, activation="softmax")(h), name="tiny")
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    model = tiny_net()
+    model.get_layer("conv").trainable = False
+    path = tmp_path_factory.mktemp("cost") / "tiny.keras"
+    model.save(path)
+    return model, path, measure_cost(model, model_path=path, training_seconds=12.5, epochs=3, repeats=5)
+
+
+def test_cost_keys_types_and_parameter_counts(measured):
+    model, path, cost = measured
+    assert cost["params_total"] == model.count_params() == (3 * 3 * 3 * 8 + 8) + (8 * 2 + 2)
+    assert cost["params_trainable"] == 8 * 2 + 2  # the frozen convolution is not trainable
+    assert cost["keras_file_mb"] == pytest.approx(path.stat().st_size / 1e6, abs=1e-3)
+    assert cost["training_seconds"] == 12.5 and cost["epochs"] == 3
+    assert cost["latency_ms_batch1_median"] > 0 and cost["latency_ms_batch1_p90"] >= cost["latency_ms_batch1_median"]
+    assert cost["throughput_batch32"] > 0 and cost["throughput_batch_size"] == 32
+    assert cost["image_size"] == [16, 16, 3]
+    assert cost["tensorflow"] == tf.__version__
+    assert isinstance(cost["device"], str) and cost["device"] == device_name()
+    if not tf.config.list_physical_devices("GPU"):
+        assert "cores" in cost["device"]
+    json.dumps(cost)
+
+
+def test_graph_flops_match_the_hand_count(measured):
+    _, _, cost = measured
+    assert cost["flops_method"] == "tf_profiler"
+    # The profiler also counts the pooling mean and the softmax, a few percent more than the layers.
+    assert cost["flops_per_image"] == pytest.approx(CONV_FLOPS + DENSE_FLOPS, rel=0.05)
+    assert cost["flops_analytic_per_image"] == CONV_FLOPS + DENSE_FLOPS
+
+
+def test_analytic_flops_of_depthwise_separable_and_grouped_layers():
+    inp = keras.Input((8, 8, 4))
+    h = keras.layers.DepthwiseConv2D(3, padding="same")(inp)
+    h = keras.layers.SeparableConv2D(6, 3, padding="same")(h)
+    separable_only = keras.Model(inp, h)
+    grouped = keras.Model(inp, keras.layers.Conv2D(6, 1, groups=2, use_bias=False)(h))
+    depthwise_flops = 2 * 64 * 4 * 9 + 64 * 4
+    separable_flops = 2 * 64 * 4 * 9 + 2 * 64 * 4 * 6 + 64 * 6
+    grouped_flops = 2 * 64 * 6 * 3
+    assert analytic_flops(separable_only) == depthwise_flops + separable_flops
+    assert analytic_flops(grouped) == depthwise_flops + separable_flops + grouped_flops
+    assert graph_flops(separable_only) == (depthwise_flops + separable_flops, "tf_profiler")
+    # Whichever way it is counted, no layer may be left out (the profiler misses nested function calls).
+    assert graph_flops(grouped)[0] >= analytic_flops(grouped)
+
+
+def test_model_without_a_fixed_size_is_a_clear_error():
+    inp = keras.Input((None, None, 3))
+    model = keras.Model(inp, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(2, 3)(inp)))
+    with pytest.raises(ModelError, match="fixed image size"):
+        measure_cost(model, repeats=1)
+
+
+def test_latency_grows_with_model_work():
+    small = tiny_net()
+    inp = keras.Input((16, 16, 3))
+    h = inp
+    for _ in range(6):
+        h = keras.layers.Conv2D(64, 3, padding="same", activation="relu")(h)
+    big = keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h)))
+    fast, slow = measure_cost(small, repeats=5), measure_cost(big, repeats=5)
+    assert slow["flops_per_image"] > 100 * fast["flops_per_image"]
+    assert slow["latency_ms_batch1_median"] > fast["latency_ms_batch1_median"]
+    assert slow["throughput_batch32"] < fast["throughput_batch32"]
+    assert np.isfinite(slow["latency_ms_batch1_median"])

@@ -1,0 +1,288 @@
+"""Grad-CAM tests on a small CNN whose class evidence sits at a known place in each image.
+
+Class 0 images carry a red blob, class 1 a blue blob, each at a random place; every image also carries a
+green blob that says nothing about the class. A faithful explanation must point at the coloured blob.
+"""
+
+import json
+
+import cv2
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bloodcell_lib.errors import ConfigError, ModelError
+from bloodcell_lib.explain import (
+    default_layer,
+    deletion_auc,
+    explain_summary,
+    focus_score,
+    gradcam_heatmaps,
+    overlay_heatmap,
+    randomised_copy,
+    sanity_check,
+    spearman_per_image,
+    stain_mask,
+)
+
+SIZE, RADIUS = 32, 4
+
+
+def blob_images(n, seed):
+    """Return (float32 images, labels, bool masks of the class blob)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.0, 0.25, (n, SIZE, SIZE, 3)).astype("float32")
+    y = rng.integers(0, 2, n)
+    masks = np.zeros((n, SIZE, SIZE), bool)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    for i in range(n):
+        while True:  # class blob and distractor apart from each other
+            c, d = rng.integers(RADIUS + 1, SIZE - RADIUS - 1, (2, 2))
+            if np.abs(c - d).max() > 2 * RADIUS + 2:
+                break
+        masks[i] = (yy - c[0]) ** 2 + (xx - c[1]) ** 2 <= RADIUS ** 2
+        x[i][masks[i], 0 if y[i] == 0 else 2] += 2.0
+        x[i][(yy - d[0]) ** 2 + (xx - d[1]) ** 2 <= RADIUS ** 2, 1] += 2.0
+    return x, y, masks
+
+
+def small_cnn(name="blobnet"):
+    inp = keras.Input((SIZE, SIZE, 3))
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
+    h = keras.layers.MaxPooling2D()(h)
+    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="last_conv")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    h = keras.layers.Dropout(0.2)(h)
+    return keras.Model(inp, keras.layers.Dense(2, activation="softmax")(h), name=name)
+
+
+@pytest.fixture(scope="module")
+def blob():
+    """A small CNN trained for a few seconds on blob images, plus held-out images and their blob masks."""
+    keras.utils.set_random_seed(0)
+    x, y, _ = blob_images(600, seed=0)
+    model = small_cnn()
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, epochs=5, batch_size=32, verbose=0)
+    xt, yt, masks = blob_images(48, seed=1)
+    accuracy = model.evaluate(xt, yt, verbose=0)[1]
+    assert accuracy > 0.95, f"the blob model did not learn ({accuracy:.2f}); the Grad-CAM tests would mean nothing"
+    return model, xt, yt, masks
+
+
+def reference_gradcam(model, image, cls, layer):
+    """Plain per-image Grad-CAM on the logit, as in the keras-io example: the batched code must agree."""
+    dense = model.layers[-1]
+    grad_model = keras.Model(model.inputs[0], [model.get_layer(layer).output, dense.input])
+    with tf.GradientTape() as tape:
+        acts, h = grad_model(image[None], training=False)
+        logit = (tf.matmul(h, dense.kernel) + dense.bias)[0, cls]
+    grads = tape.gradient(logit, acts)[0].numpy()
+    cam = np.maximum((acts[0].numpy() * grads.mean(axis=(0, 1))).sum(axis=-1), 0)
+    cam = tf.image.resize(cam[..., None], image.shape[:2], method="bilinear").numpy()[..., 0]
+    return cam / cam.max() if cam.max() > 0 else cam
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_heatmaps_peak_on_the_class_blob(blob, method):
+    model, x, _, masks = blob
+    heat = gradcam_heatmaps(model, x, method=method)
+    assert heat.shape == x.shape[:3] and heat.dtype == np.float32
+    assert heat.min() >= 0.0 and np.allclose(heat.max(axis=(1, 2)), 1.0)
+    peak = heat.reshape(len(x), -1).argmax(axis=1)
+    assert masks.reshape(len(x), -1)[np.arange(len(x)), peak].mean() >= 0.9
+    focus = focus_score(heat, masks)
+    assert np.nanmean(focus) > 4.0 and np.nanmin(focus) > 2.0
+
+
+def test_batched_equals_per_image(blob):
+    model, x, _, _ = blob
+    classes = model.predict(x, verbose=0).argmax(axis=1)
+    batched = gradcam_heatmaps(model, x, batch_size=len(x))
+    one_by_one = gradcam_heatmaps(model, x, batch_size=1)
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+    reference = np.stack([reference_gradcam(model, img, c, "last_conv") for img, c in zip(x[:6], classes[:6])])
+    np.testing.assert_allclose(batched[:6], reference, atol=1e-4)
+    plus = gradcam_heatmaps(model, x, method="gradcam++", batch_size=len(x))
+    np.testing.assert_allclose(plus, gradcam_heatmaps(model, x, method="gradcam++", batch_size=5), atol=1e-5)
+
+
+def test_class_indices_choose_the_explained_class(blob):
+    model, x, y, _ = blob
+    predicted = model.predict(x, verbose=0).argmax(axis=1)
+    np.testing.assert_allclose(gradcam_heatmaps(model, x, class_indices=predicted), gradcam_heatmaps(model, x))
+    other = gradcam_heatmaps(model, x, class_indices=1 - predicted)
+    assert not np.allclose(other, gradcam_heatmaps(model, x), atol=0.05)
+
+
+def test_randomised_model_gives_uncorrelated_maps(blob):
+    model, x, _, masks = blob
+    result = sanity_check(model, x)
+    assert result["layer"] == "last_conv" and len(result["spearman_per_image"]) == len(x)
+    assert result["spearman_mean"] < 0.3
+    trained = gradcam_heatmaps(model, x)
+    shuffled = randomised_copy(model, seed=0)
+    random_maps = gradcam_heatmaps(shuffled, x, class_indices=model.predict(x, verbose=0).argmax(axis=1))
+    assert np.nanmean(focus_score(random_maps, masks)) < 0.5 * np.nanmean(focus_score(trained, masks))
+    # The copy is reproducible, keeps the layer names, and leaves the trained model untouched.
+    again = randomised_copy(model, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(shuffled.get_weights(), again.get_weights()))
+    assert not np.array_equal(shuffled.get_layer("last_conv").get_weights()[0],
+                              model.get_layer("last_conv").get_weights()[0])
+    np.testing.assert_allclose(gradcam_heatmaps(model, x), trained)
+
+
+def test_deletion_of_salient_pixels_drops_the_probability_faster_than_random(blob):
+    model, x, _, _ = blob
+    classes = model.predict(x, verbose=0).argmax(axis=1)
+    heat = gradcam_heatmaps(model, x)
+    guided = deletion_auc(model, x, heat, classes, steps=8)
+    random = deletion_auc(model, x, np.random.default_rng(0).random(heat.shape), classes, steps=8)
+    assert guided.shape == (len(x),) and np.all((guided >= 0) & (guided <= 1))
+    assert guided.mean() < random.mean() - 0.1
+    blurred = deletion_auc(model, x, heat, classes, steps=8, baseline_value="blur")
+    assert blurred.mean() < random.mean()
+
+
+def test_explain_summary_is_json_ready(blob):
+    model, x, _, masks = blob
+    summary = explain_summary(model, x[:16], masks[:16], method="gradcam++", steps=5)
+    assert {"method", "layer", "focus_mean", "focus_median", "deletion_auc_mean", "sanity_spearman_mean",
+            "n_images", "deletion_auc_random_mean"} <= set(summary)
+    assert summary["n_images"] == 16 and summary["layer"] == "last_conv" and summary["method"] == "gradcam++"
+    assert summary["focus_mean"] > 2 and summary["deletion_auc_mean"] < summary["deletion_auc_random_mean"]
+    json.dumps(summary)
+    # Precomputed heatmaps are used as given (explaining the predicted class); no masks → no focus number.
+    heat = gradcam_heatmaps(model, x[:16], method="gradcam++")
+    reused = explain_summary(model, x[:16], None, method="gradcam++", steps=5, heatmaps=heat)
+    assert reused["focus_mean"] is None
+    assert reused["deletion_auc_mean"] == pytest.approx(summary["deletion_auc_mean"], abs=1e-6)
+    assert reused["sanity_spearman_mean"] == pytest.approx(summary["sanity_spearman_mean"], abs=1e-6)
+
+
+def test_saved_and_reloaded_model_gives_the_same_maps(blob, tmp_path):
+    model, x, _, _ = blob
+    path = tmp_path / "blobnet.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(gradcam_heatmaps(loaded, x[:8]), gradcam_heatmaps(model, x[:8]), atol=1e-5)
+
+
+def test_flat_keras_applications_model_before_and_after_saving(tmp_path):
+    """Built like model.py builds it: the base takes input_tensor, so its conv layers are the model's own."""
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((64, 64, 3))
+    base = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=inp)
+    h = keras.layers.Dropout(0.3)(keras.layers.GlobalAveragePooling2D()(base.output))
+    model = keras.Model(inp, keras.layers.Dense(5, activation="softmax")(h), name="resnet50")
+    assert default_layer(model) == "conv5_block3_out"
+    x = np.random.default_rng(0).normal(0, 50, (4, 64, 64, 3)).astype("float32")
+    heat = gradcam_heatmaps(model, x, layer="conv5_block3_out", method="gradcam++")
+    assert heat.shape == (4, 64, 64) and 0 <= heat.min() and heat.max() <= 1
+    model.save(tmp_path / "resnet50.keras")
+    loaded = keras.models.load_model(tmp_path / "resnet50.keras", safe_mode=True)
+    again = gradcam_heatmaps(loaded, x, layer="conv5_block3_out", method="gradcam++")
+    np.testing.assert_allclose(again, heat, atol=1e-4)
+
+
+def test_missing_layer_and_unknown_method_are_clear_errors(blob):
+    model, x, _, _ = blob
+    with pytest.raises(ModelError, match="no layer 'conv5_block3_out'.*last_conv"):
+        gradcam_heatmaps(model, x[:2], layer="conv5_block3_out")
+    with pytest.raises(ModelError, match="not a 4-D"):
+        gradcam_heatmaps(model, x[:2], layer="pool")
+    with pytest.raises(ValueError, match="0..1"):
+        gradcam_heatmaps(model, x[:2], class_indices=[0, 2])
+    with pytest.raises(ConfigError, match="gradcam, gradcam\\+\\+"):
+        gradcam_heatmaps(model, x[:2], method="lime")
+    assert default_layer(model) == "last_conv"
+    pooled = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="conv"),
+                               keras.layers.MaxPooling2D(), keras.layers.Flatten(), keras.layers.Dense(2)])
+    assert default_layer(pooled) == "conv"  # a 4-D pooling output is not a feature map to explain
+    dense_only = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")], name="mlp")
+    with pytest.raises(ModelError, match="no 4-D"):
+        default_layer(dense_only)
+
+
+def test_focus_score_by_hand():
+    mask = np.zeros((10, 10), bool)
+    mask[:5, :4] = True  # a fifth of the image
+    inside = np.where(mask, 1.0, 0.0)
+    half = np.where(mask, 1.0, 0.0) + np.where(~mask, 0.25, 0.0)  # energy 20 inside, 20 outside
+    maps = np.stack([np.ones((10, 10)), inside, half, np.zeros((10, 10))])
+    np.testing.assert_allclose(focus_score(maps, mask), [1.0, 5.0, 2.5, np.nan])
+    assert np.isnan(focus_score(np.ones((1, 10, 10)), np.zeros((1, 10, 10), bool))[0])
+    with pytest.raises(ValueError, match="do not match"):
+        focus_score(maps, np.zeros((2, 10, 10), bool))
+
+
+def test_spearman_per_image():
+    a = np.arange(16.0).reshape(1, 4, 4)
+    maps = np.concatenate([a, a, a])
+    np.testing.assert_allclose(spearman_per_image(maps, np.concatenate([a ** 3, -a, np.ones_like(a)])),
+                               [1.0, -1.0, np.nan])
+
+
+def test_overlay_heatmap_is_rgb_with_hot_in_red():
+    image = np.full((20, 30, 3), 128, np.uint8)
+    heat = np.zeros((10, 15), np.float32)
+    heat[:, 8:] = 1.0  # smaller than the image: resized
+    out = overlay_heatmap(image, heat, alpha=0.6)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    hot, cold = out[10, 25].astype(int), out[10, 2].astype(int)
+    assert hot[0] > hot[2] + 30 and cold[2] > cold[0] + 30
+    assert np.array_equal(overlay_heatmap(image, heat, alpha=0.0), image)
+    with pytest.raises(ValueError, match="uint8"):
+        overlay_heatmap(image.astype(np.float32), heat)
+
+
+def smear(size, seed, centre, axes, angle=30, tint=(1.0, 1.0, 1.0), cell=True):
+    """A white cell (pale lilac cytoplasm, dark purple nucleus) among pink red cells on light glass."""
+    rng = np.random.default_rng(seed)
+    img = np.full((size, size, 3), (242, 236, 240), np.uint8)
+    for _ in range(14):
+        c = tuple(int(v) for v in rng.integers(0, size, 2))
+        r = int(rng.integers(size // 12, size // 7))
+        cv2.circle(img, c, r, (228, 150, 170), -1)
+        cv2.circle(img, c, r // 2, (238, 190, 200), -1)
+    truth = np.zeros((size, size), np.uint8)
+    if cell:
+        cv2.ellipse(truth, centre, axes, angle, 0, 360, 1, -1)
+        cv2.ellipse(img, centre, axes, angle, 0, 360, (170, 140, 200), -1)
+        cv2.ellipse(img, (centre[0] + 3, centre[1] - 2), (axes[0] // 2, axes[1] // 2), angle + 40, 0, 360,
+                    (95, 45, 140), -1)
+    noisy = img.astype(float) * np.array(tint) + rng.normal(0, 6, img.shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8), truth.astype(bool)
+
+
+@pytest.mark.parametrize("size, centre, tint", [
+    (64, (32, 30), (1.0, 1.0, 1.0)),
+    (128, (60, 66), (1.04, 1.0, 0.91)),  # warm lamp: white balance must undo it
+    (256, (126, 130), (0.93, 0.98, 1.04)),  # cool lamp
+    (128, (14, 64), (1.0, 1.0, 1.0)),  # cell cut by the image border
+])
+def test_stain_mask_recovers_the_cell(size, centre, tint):
+    image, truth = smear(size, seed=size, centre=centre, axes=(size // 4, size // 5), tint=tint)
+    mask = stain_mask(image)
+    assert mask.dtype == bool and mask.shape == truth.shape
+    assert (mask & truth).sum() / (mask | truth).sum() > 0.8
+
+
+def test_stain_mask_is_empty_without_a_stained_cell():
+    image, _ = smear(96, seed=3, centre=(48, 48), axes=(24, 20), cell=False)
+    assert stain_mask(image).sum() == 0
+    assert stain_mask(np.full((32, 32, 3), 240, np.uint8)).sum() == 0
+
+
+def test_stain_mask_on_the_synthetic_set(tmp_path):
+    from bloodcell_lib.images import read_rgb
+    from bloodcell_lib.synthetic import load_manifest, make_synthetic_dataset, manifest_mask
+
+    manifest = make_synthetic_dataset(tmp_path / "synth", per_class=4, size=96, duplicates=1, seed=5)
+    ious = []
+    for _, row in load_manifest(manifest).iterrows():
+        image = read_rgb(manifest.parent / row["file"])
+        truth, mask = manifest_mask(row, *image.shape[:2]), stain_mask(image)
+        ious.append((mask & truth).sum() / max((mask | truth).sum(), 1))
+    assert np.mean(ious) > 0.75
