@@ -47,6 +47,7 @@ class RunConfig:
     synth_shortcut: bool = False
     gradcam_images: int = 50
     bootstrap: int = 1000
+    cost_repeats: int = 20  # timed calls for the latency median
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -97,7 +98,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(
         epochs=2, image_size=32, batch_size=16, weights=None, patience=2,
         synth_per_class=8, synth_size=64, synth_duplicates=1, gradcam_images=10, bootstrap=100,
-        run_eagerly=True,
+        run_eagerly=True, cost_repeats=3,
     ),
 }
 

@@ -146,12 +146,13 @@ def explain_model(model, split: pd.DataFrame, frame: pd.DataFrame, output_dir: P
     x = spec.preprocess(images.astype("float32"))
     pred = frame.set_index("path").loc[paths, "pred_label"].map(CLASSES.index).to_numpy()
     block: dict[str, Any] = {"mask_source": mask_source, "layer": spec.last_conv_layer, "image_paths": paths}
+    heat = {}
     for method in ("gradcam", "gradcam++"):
+        heat[method] = gradcam_heatmaps(model, x, class_indices=pred, layer=spec.last_conv_layer, method=method)
         block[method] = explain_summary(model, x, masks, class_indices=pred, layer=spec.last_conv_layer,
-                                        method=method, seed=seed)
+                                        method=method, seed=seed, heatmaps=heat[method])
     if make_figures:
-        heat = gradcam_heatmaps(model, x, class_indices=pred, layer=spec.last_conv_layer)
-        overlays = np.stack([overlay_heatmap(img, h) for img, h in zip(images, heat)])
+        overlays = np.stack([overlay_heatmap(img, h) for img, h in zip(images, heat["gradcam"])])
         plot_gradcam_grid(images, overlays, labels, pred, path=output_dir / f"{name}_gradcam.png",
                           title=f"Grad-CAM — {spec.display_name}")
     return block
@@ -178,7 +179,7 @@ def save_figures(frame: pd.DataFrame, metrics: dict, output_dir: Path, name: str
 def evaluate(model, split: pd.DataFrame, subset: str = "test", output_dir: str | Path = "Saved Models", *,
              history: dict | None = None, config: dict | None = None, model_path: str | Path | None = None,
              weights_used: str | None = None, gradcam_images: int = 50, n_boot: int = 1000, seed: int = 0,
-             make_figures: bool = True, measure: bool = True) -> dict[str, Any]:
+             make_figures: bool = True, cost_repeats: int = 20) -> dict[str, Any]:
     """Evaluate a model on a split subset and write `<run>_predictions.csv` and `<run>_results.json`."""
     from bloodcell_lib.cost import measure_cost
     from bloodcell_lib.metrics import compute_metrics
@@ -213,10 +214,8 @@ def evaluate(model, split: pd.DataFrame, subset: str = "test", output_dir: str |
         "config": config or {},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    if measure:
-        results["cost"] = measure_cost(model, model_path=model_path,
-                                       training_seconds=meta.get("total_seconds"),
-                                       epochs=(results["epochs"] or {}).get("total"))
+    results["cost"] = measure_cost(model, model_path=model_path, training_seconds=meta.get("total_seconds"),
+                                   epochs=(results["epochs"] or {}).get("total"), repeats=cost_repeats)
     results["explainability"] = explain_model(model, split, frame if subset == "test" else frame.iloc[:0],
                                               output_dir, name, gradcam_images, seed, make_figures)
     if make_figures:

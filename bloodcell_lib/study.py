@@ -198,7 +198,8 @@ def evaluate(cfg: RunConfig, result, split: pd.DataFrame) -> dict[str, Any]:
 
     return _evaluate(result.model, split, "test", cfg.output_path, history=result.history, config=cfg.to_dict(),
                      model_path=result.model_path, weights_used=result.weights_used,
-                     gradcam_images=cfg.gradcam_images, n_boot=cfg.bootstrap, seed=cfg.seed)
+                     gradcam_images=cfg.gradcam_images, n_boot=cfg.bootstrap, seed=cfg.seed,
+                     cost_repeats=cfg.cost_repeats)
 
 
 def metrics_table(results: dict[str, Any]) -> pd.DataFrame:
