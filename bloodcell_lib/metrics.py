@@ -189,7 +189,7 @@ def _group_codes(groups: Sequence[Any] | None, n: int) -> np.ndarray:
     """Return a dense group index 0..G-1 per image; missing group ids become groups of one."""
     if groups is None:
         return np.arange(n)
-    codes, _ = pd.factorize(pd.Series(list(groups) if not isinstance(groups, pd.Series) else groups.values))
+    codes, _ = pd.factorize(pd.Series(list(groups)))
     if len(codes) != n:
         raise ValueError(f"groups has {len(codes)} entries but there are {n} samples.")
     missing = codes < 0
