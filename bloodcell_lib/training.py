@@ -73,14 +73,15 @@ def train_from_config(
     spec = get_arch(cfg.arch)
     size = check_image_size(spec, cfg.image_size)
     out = cfg.output_path
-    split, split_path = _split_for(cfg, verbose)
     precision = configure_precision()
     strategy = choose_strategy()
     keras.utils.set_random_seed(cfg.seed)
+    # The model first: missing weights should fail in seconds, not after minutes of checking the dataset.
     with strategy.scope():
         model = build_model(spec.key, image_size=size, weights=cfg.weights, dropout=cfg.dropout,
                             hidden_units=cfg.hidden_units)
     weights_used = describe_weights(cfg.weights)
+    split, split_path = _split_for(cfg, verbose)
     datasets = {
         subset: make_dataset(split, subset, size, spec.preprocess, batch_size=cfg.batch_size, cache=cfg.cache,
                              seed=cfg.seed)
@@ -110,7 +111,7 @@ def train_from_config(
         "seed": cfg.seed,
         "class_weights": class_weight,
         "precision": precision,
-        "strategy": f"{type(strategy).__name__} ({strategy.num_replicas_in_sync} replica(s))",
+        "strategy": f"{type(strategy).__name__.lstrip('_')} ({strategy.num_replicas_in_sync} replica(s))",
         "run_eagerly": cfg.run_eagerly,
         "split_path": str(split_path),
         "split_sha256": split_sha256(split_path),
@@ -173,6 +174,11 @@ def fine_tune(
                                        min_lr=_MIN_LR, verbose=min(verbose, 1))
         start = journal.restore_progress(model, phase, early, reduce_lr)
         if start < end and not journal.stopped(phase):
+            if verbose:
+                what = "the head on the frozen base" if phase == 1 else (
+                    f"the top {unfreeze} base layers (BatchNorm frozen) and the head")
+                print(f"Phase {phase}: training {what} — {trainable_param_count(model, phase, unfreeze):,} "
+                      f"parameters, learning rate {lr:g}, epochs {start + 1}–{end} of {cfg.epochs}")
             recorder = _EpochRecorder(journal, phase, early, reduce_lr)
             model.fit(
                 train_data, validation_data=val_data, epochs=end, initial_epoch=start,

@@ -1,6 +1,6 @@
 """Subprocess helper for tests/test_training.py (things that need a fresh process).
 
-  train    — train_from_config on a dataset; --pause-epoch N writes --marker after the first batch of
+  train    — train_from_config(RunConfig(**--config)) on --data; --pause-epoch N writes --marker after the first batch of
              epoch N and then sleeps, so the test can SIGKILL it mid-epoch at a known point.
   mirrored — split the CPU into two logical devices before TensorFlow starts, then let choose_strategy
              pick MirroredStrategy and fine-tune a small model on it; prints a JSON summary.
@@ -33,10 +33,7 @@ def _train(args: argparse.Namespace) -> None:
                 Path(args.marker).write_text(f"epoch {self.epoch} batch {batch}\n")
                 time.sleep(600)  # the test kills us here
 
-    cfg = RunConfig(
-        arch=args.arch, data_dir=args.data, output_dir=args.out, epochs=args.epochs, image_size=args.image_size,
-        batch_size=args.batch_size, weights=None, run_eagerly=True, patience=10,
-    )
+    cfg = RunConfig(data_dir=args.data, output_dir=args.out, **json.loads(args.config))
     train_from_config(cfg, verbose=0, callbacks=[PauseMidEpoch()] if args.pause_epoch else [])
 
 
@@ -63,7 +60,7 @@ def _mirrored(args: argparse.Namespace) -> None:
     # Traced, not eager: eager MirroredStrategy steps are slow, and VGG16's graph traces in seconds.
     cfg = RunConfig(arch=spec.key, epochs=2, image_size=args.image_size, weights=None, run_eagerly=False)
     started = time.monotonic()
-    history = fine_tune(model, data, data, cfg, verbose=0)
+    history = fine_tune(model, data, data, cfg, verbose=0, resume_dir=args.out)  # snapshots of mirrored variables
     seconds = time.monotonic() - started
     after = model.get_layer("head_predictions").get_weights()[0]
     print(json.dumps({
@@ -80,12 +77,11 @@ def _mirrored(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=("train", "mirrored"))
-    parser.add_argument("--arch", default="vgg16")
+    parser.add_argument("--config", default="{}", help="RunConfig fields as JSON (train)")
+    parser.add_argument("--arch", default="vgg16", help="(mirrored)")
+    parser.add_argument("--image-size", type=int, default=32, help="(mirrored)")
     parser.add_argument("--data")
     parser.add_argument("--out")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--pause-epoch", type=int, default=0)
     parser.add_argument("--marker")
     args = parser.parse_args(argv)

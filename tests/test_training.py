@@ -27,7 +27,8 @@ from bloodcell_lib.training import (
 CHILD = Path(__file__).with_name("_train_child.py")
 
 
-RESUME_RUN = dict(arch="vgg16", epochs=3, image_size=32, batch_size=16, weights=None, run_eagerly=True, patience=10)
+RESUME_RUN = dict(arch="vgg16", epochs=3, image_size=32, batch_size=16, weights=None, run_eagerly=True, patience=10,
+                  class_weights=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,13 +39,12 @@ def children(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     data, out, marker, log = root / "data", root / "out", root / "paused", root / "child.log"
     make_synthetic_dataset(data, per_class=6, size=32, duplicates=1, seed=0)
-    mirrored = subprocess.Popen([sys.executable, str(CHILD), "mirrored"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    mirrored = subprocess.Popen([sys.executable, str(CHILD), "mirrored", "--out", str(root / "mirrored")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with open(log, "w") as fh:
         to_kill = subprocess.Popen(
-            [sys.executable, str(CHILD), "train", "--data", str(data), "--out", str(out), "--arch", RESUME_RUN["arch"],
-             "--epochs", str(RESUME_RUN["epochs"]), "--batch-size", str(RESUME_RUN["batch_size"]),
-             "--pause-epoch", "2", "--marker", str(marker)],
+            [sys.executable, str(CHILD), "train", "--data", str(data), "--out", str(out),
+             "--config", json.dumps(RESUME_RUN), "--pause-epoch", "2", "--marker", str(marker)],
             stdout=fh, stderr=fh,
         )
     yield {"mirrored": mirrored, "to_kill": to_kill, "data": data, "out": out, "marker": marker, "log": log}
@@ -201,6 +201,7 @@ def test_train_from_config_writes_model_histories_and_the_split_next_to_them(res
     assert result.model_path == out / "vgg16.keras" and result.split_path == out / "split.csv"
     assert result.history_path == out / "vgg16_training_history.json" and result.image_size == 32
     assert result.weights_used == result.history["meta"]["weights_used"] == "none (random init)"
+    assert set(result.history["meta"]["class_weights"]) == set(range(5))
     saved = load_history(result.history_path)
     assert saved["epoch"] == [1, 2, 3] and saved["meta"]["split_sha256"] == result.history["meta"]["split_sha256"]
     assert load_history(out / "vgg16_training_history.pkl", allow_pickle=True)["loss"] == saved["loss"]
@@ -218,7 +219,7 @@ def test_models_in_one_folder_share_its_split(resumed_run):
 def test_a_run_interrupted_between_phases_skips_the_finished_phase(tmp_path):
     spec = ARCHITECTURES["vgg16"]
     data = _tiny_data(spec)
-    cfg = RunConfig(arch=spec.key, epochs=2, image_size=32, weights=None, run_eagerly=True, class_weights=True)
+    cfg = RunConfig(arch=spec.key, epochs=2, image_size=32, weights=None, run_eagerly=True)
     first = build_model(spec.key, image_size=32, weights=None)
     with pytest.raises(KeyboardInterrupt):
         fine_tune(first, data, data, cfg, resume_dir=tmp_path, verbose=0, callbacks=[_Interrupt(epoch=2)])
