@@ -44,8 +44,26 @@ def write_text(target: str | Path, text: str) -> Path:
 
 
 def write_json(target: str | Path, obj: Any) -> Path:
-    """Write obj as indented JSON atomically (numpy scalars and arrays converted) and return the path."""
-    return write_text(target, json.dumps(obj, indent=2, default=_json_default, ensure_ascii=False) + "\n")
+    """Write obj as strict, indented JSON atomically (numpy converted, NaN/inf as null) and return the path."""
+    text = json.dumps(_finite(obj), indent=2, default=_json_default, ensure_ascii=False, allow_nan=False)
+    return write_text(target, text + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    """Replace NaN and infinities by None, recursively, so every JSON parser can read the file."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        obj = obj.tolist()
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

@@ -17,12 +17,31 @@ from bloodcell_lib.atomic import write_bytes
 from bloodcell_lib.classes import CLASSES
 
 
+def figure_png(fig: Figure, dpi: int = 110) -> bytes:
+    """Render a figure to PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _show_figures_inline() -> None:
+    """Teach a running IPython kernel to display our pyplot-free Figures as PNG images."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None:
+        shell.display_formatter.formatters["image/png"].for_type(Figure, figure_png)
+
+
+_show_figures_inline()
+
+
 def save_figure(fig: Figure, path: str | Path | None, dpi: int = 110) -> Figure:
     """Save a figure as PNG atomically when a path is given, and return it."""
     if path is not None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-        write_bytes(path, buf.getvalue())
+        write_bytes(path, figure_png(fig, dpi))
     return fig
 
 

@@ -20,3 +20,9 @@ def test_crash_while_writing_keeps_previous_file(tmp_path):
             raise RuntimeError("disconnect")
     assert target.read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]
+
+
+def test_write_json_is_strict_json(tmp_path):
+    target = write_json(tmp_path / "r.json", {"auc": float("nan"), "ci": [np.float64("nan"), 0.5], "x": np.inf})
+    assert json.loads(target.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict {c}")) == {
+        "auc": None, "ci": [None, 0.5], "x": None}

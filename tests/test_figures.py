@@ -1,0 +1,49 @@
+"""Figures render to real PNG files and mark what they claim to mark."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bloodcell_lib import figures
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_history_marks_the_phase_boundary(tmp_path):
+    history = {"epoch": [1, 2, 3, 4], "phase": [1, 1, 2, 2], "loss": [1.5, 1.2, 1.0, 0.9],
+               "val_loss": [1.6, 1.3, 1.1, 1.0], "accuracy": [0.3, 0.5, 0.6, 0.7], "val_accuracy": [0.2, 0.4, 0.5, 0.6]}
+    fig = figures.plot_history(history, path=tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes().startswith(PNG_MAGIC)
+    for ax in fig.axes:
+        vertical = [line for line in ax.get_lines() if len(set(line.get_xdata())) == 1]
+        assert [line.get_xdata()[0] for line in vertical] == [2.5]
+
+
+def test_history_without_phase_two_has_no_boundary():
+    fig = figures.plot_history({"loss": [1.0, 0.8], "accuracy": [0.4, 0.5]})
+    assert all(len(set(line.get_xdata())) > 1 for ax in fig.axes for line in ax.get_lines())
+
+
+def test_confusion_and_roc_figures_are_written(tmp_path):
+    y = np.repeat(np.arange(5), 4)
+    proba = np.eye(5)[y] * 0.6 + 0.08
+    figures.plot_confusion_matrix(np.eye(5) * 4, path=tmp_path / "cm.png")
+    fig = figures.plot_roc_curves(y, proba, path=tmp_path / "roc.png")
+    assert len(fig.axes[0].get_lines()) == 6  # five classes and the chance diagonal
+    assert (tmp_path / "cm.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_gradcam_grid_colours_wrong_predictions_red():
+    img = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    fig = figures.plot_gradcam_grid(img, img, y_true=[0, 1], y_pred=[0, 2])
+    colours = [ax.title.get_color() for ax in fig.axes if ax.get_title().startswith("pred")]
+    assert colours == ["green", "red"]
+
+
+def test_bars_accept_missing_intervals():
+    fig = figures.plot_bars_with_intervals(["a", "b"], [0.8, 0.6], [[0.7, 0.9], None], "accuracy")
+    assert len(fig.axes[0].patches) == 2
+
+
+def test_figure_png_renders_bytes():
+    assert figures.figure_png(figures.plot_scatter([1, 2], [0.5, 0.6], ["a", "b"], "x", "y")).startswith(PNG_MAGIC)
