@@ -145,6 +145,16 @@ def test_early_stopping_keeps_phase_one_when_fine_tuning_only_hurts():
     assert all(_same(w, probe.weights_at_end[0][name]) for name, w in _layer_weights(model).items())
 
 
+def test_epochs_that_phase_one_leaves_unused_go_to_phase_two():
+    spec = ARCHITECTURES["vgg16"]
+    data = _tiny_data(spec)
+    # head_lr=0 keeps the validation loss exactly constant, so EarlyStopping (patience 1) ends phase 1 after epoch 2.
+    cfg = RunConfig(arch=spec.key, epochs=4, head_epochs=3, head_lr=0.0, patience=1, image_size=32, weights=None,
+                    run_eagerly=True)
+    history = fine_tune(build_model(spec.key, image_size=32, weights=None), data, data, cfg, verbose=0)
+    assert history["epoch"] == [1, 2, 3, 4] and history["phase"] == [1, 1, 2, 2]
+
+
 def test_phase_two_can_be_switched_off():
     spec = ARCHITECTURES["vgg16"]
     cfg = RunConfig(arch=spec.key, epochs=2, head_epochs=2, image_size=32, weights=None, run_eagerly=True)
