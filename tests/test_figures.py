@@ -47,3 +47,15 @@ def test_bars_accept_missing_intervals():
 
 def test_figure_png_renders_bytes():
     assert figures.figure_png(figures.plot_scatter([1, 2], [0.5, 0.6], ["a", "b"], "x", "y")).startswith(PNG_MAGIC)
+
+
+def test_a_figure_displays_as_png_in_a_notebook_kernel():
+    """Regression: our pyplot-free figures used to print as '<Figure size ...>' text in notebooks."""
+    from nbclient import NotebookClient
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nb = new_notebook(cells=[new_code_cell(
+        "import numpy as np\nfrom bloodcell_lib.figures import plot_image_grid\n"
+        "plot_image_grid([np.zeros((8, 8, 3))], ['x'])")])
+    NotebookClient(nb, kernel_name="python3", timeout=120).execute()
+    assert "image/png" in nb.cells[0].outputs[-1]["data"]
