@@ -99,23 +99,41 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for row in rows:
+            if "error" in row:
+                print(f"{row['path']}: skipped — {row['error']}")
+                continue
             probs = ", ".join(f"{k} {v:.3f}" for k, v in row["probabilities"].items())
-            print(f"{row['path']}: {row['class']} ({probs})")
-    return 0
+            overlay = f" → {row['gradcam']}" if "gradcam" in row else ""
+            print(f"{row['path']}: {row['class']} ({probs}){overlay}")
+    # Unreadable files are reported per row; the run fails only when no image could be classified.
+    return EXIT_USER_ERROR if all("error" in row for row in rows) else 0
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wide help where every sub-command's description stays on its own line."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=24, width=120)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        # argparse measures sub-command names one indent level shallower than it prints them.
+        for sub in getattr(action, "_get_subactions", lambda: [])():
+            self._action_max_length = max(self._action_max_length,
+                                          len(sub.metavar or sub.dest) + self._current_indent + 2 * self._indent_increment)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with one sub-command per step of the study."""
     parser = argparse.ArgumentParser(
         prog="python -m bloodcell_lib",
+        formatter_class=_HelpFormatter,
         description="Blood-cell transfer-learning suite: data checking, leakage-safe splits, "
         "fine-tuning, evaluation, Grad-CAM and comparison.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {}
 
     def add(name: str, help_text: str, handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
-        commands[name] = (help_text, handler)
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(handler=handler)
         return p
@@ -192,3 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     except BloodcellError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error of ours
+        sys.stderr.close()
+        return 0

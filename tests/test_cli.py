@@ -1,0 +1,31 @@
+"""The command line: every command listed on one line, user errors exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+from bloodcell_lib.cli import build_parser, main
+
+COMMANDS = ("synth", "check-data", "split", "train", "evaluate", "baseline", "compare", "predict")
+
+
+def test_help_lists_every_command_on_one_line():
+    run = subprocess.run([sys.executable, "-m", "bloodcell_lib", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0
+    lines = run.stdout.splitlines()
+    for command in COMMANDS:
+        line = next(li for li in lines if li.strip().startswith(command + " "))
+        assert len(line.split(maxsplit=1)[1]) > 20, f"{command} has no one-line description"
+
+
+def test_parser_knows_every_command():
+    choices = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert tuple(choices) == COMMANDS
+
+
+def test_a_library_error_becomes_exit_code_2(tmp_path, capsys):
+    assert main(["check-data", str(tmp_path / "does not exist")]) == 2
+    assert "does not exist" in capsys.readouterr().err
