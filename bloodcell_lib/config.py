@@ -11,6 +11,12 @@ from typing import Any
 from bloodcell_lib.errors import ConfigError
 
 PROFILE_ENV = "BLOODCELL_PROFILE"
+OUTPUT_ENV = "BLOODCELL_OUTPUT"  # where notebooks write, overriding their parameter (nbval uses a temp folder)
+
+
+def output_dir_override(output_dir: str) -> str:
+    """Return BLOODCELL_OUTPUT when set, else the given output folder."""
+    return os.environ.get(OUTPUT_ENV) or output_dir
 
 
 @dataclass

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from bloodcell_lib.classes import CLASSES
-from bloodcell_lib.config import RunConfig, profile_config
+from bloodcell_lib.config import RunConfig, output_dir_override, profile_config
 
 SYNTHETIC_FOLDER = "synthetic_data"
 SPLIT_FILE = "split.csv"
@@ -28,6 +28,8 @@ def configure(arch: str, profile: str = "auto", data_dir: str | None = None, **p
     if profile == "auto":
         profile = "paper" if data_dir and Path(data_dir).exists() else "demo"
     params = {k: v for k, v in params.items() if v is not None}
+    if "output_dir" in params:
+        params["output_dir"] = output_dir_override(params["output_dir"])
     cfg = profile_config(profile, arch=spec.key, data_dir=data_dir, **params)
     notes = []
     if isinstance(cfg.image_size, int) and cfg.image_size < spec.min_size:
@@ -247,7 +249,7 @@ def compare(output_dir: str | Path):
     """Build the comparison of every model in the output folder (training the shortcut baseline if needed)."""
     from bloodcell_lib.compare import compare_results
 
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir_override(str(output_dir)))
     split_path = output_dir / SPLIT_FILE
     if split_path.exists() and not (output_dir / "shortcut_baseline_results.json").exists():
         from bloodcell_lib.baseline import run_shortcut_baseline
@@ -307,7 +309,7 @@ def show_gradcam_side_by_side(output_dir: str | Path, per_class: int = 1):
     from bloodcell_lib.registry import ARCHITECTURES
     from bloodcell_lib.split import load_split
 
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir_override(str(output_dir)))
     models = [output_dir / f"{key}.keras" for key in ARCHITECTURES if (output_dir / f"{key}.keras").exists()]
     if not models or not (output_dir / SPLIT_FILE).exists():
         return "No saved model and split in this folder yet."

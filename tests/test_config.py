@@ -36,3 +36,11 @@ def test_unknown_profile_is_a_clear_error():
 def test_replace_rejects_unknown_fields():
     with pytest.raises(ConfigError, match="colour"):
         RunConfig().replace(colour="red")
+
+
+def test_output_environment_variable_overrides_the_notebook_folder(monkeypatch):
+    from bloodcell_lib.config import output_dir_override
+
+    assert output_dir_override("../Saved Models") == "../Saved Models"
+    monkeypatch.setenv("BLOODCELL_OUTPUT", "/tmp/elsewhere")
+    assert output_dir_override("../Saved Models") == "/tmp/elsewhere"
