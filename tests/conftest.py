@@ -11,5 +11,6 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def _no_profile_override(monkeypatch):
-    """Unit tests choose their profile themselves; BLOODCELL_PROFILE is for the notebooks."""
+    """Unit tests choose their profile and folders themselves; the variables are for the notebooks."""
     monkeypatch.delenv("BLOODCELL_PROFILE", raising=False)
+    monkeypatch.delenv("BLOODCELL_OUTPUT", raising=False)
