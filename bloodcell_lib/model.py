@@ -88,7 +88,7 @@ def describe_weights(weights: str | Path | None) -> str:
 
 
 def imagenet_available(arch: str | None = None, timeout: float = 3.0) -> bool:
-    """Return True when Keras can get ImageNet weights: the arch's file is in Keras' cache, or the download host answers."""
+    """Return True when Keras can get ImageNet weights: the arch's file is cached, or the download host answers."""
     if arch is not None and _cached_imagenet_files(get_arch(arch)):
         return True
     try:
@@ -169,7 +169,8 @@ def _build_imagenet_base(spec: ArchSpec, inputs: keras.KerasTensor) -> keras.Ker
     except Exception as exc:  # Keras' get_file raises a plain Exception on URL errors, ValueError on a bad hash
         raise WeightsError(
             f"Could not get the ImageNet weights of {spec.display_name}: {_first_line(exc)}. Keras downloads them once "
-            "into ~/.keras/models/, which needs internet access. Alternatives: pass a local weights file without top, e.g. "
+            "into ~/.keras/models/, which needs internet access. Alternatives: pass a local weights file "
+            "without top, e.g. "
             f"`--weights PATH/{spec.key}_notop.h5` (weights=PATH); put Keras' cached file into "
             "~/.keras/models/; or train from random initialisation with `--weights none` (weights=None)."
         ) from exc

@@ -266,7 +266,7 @@ def save_model(model: keras.Model, path: str | Path) -> Path:
 
 
 def save_history(history: Mapping[str, Any], path: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
-    """Write the history as JSON (lists + "meta") and as the seed's pickle (dict of lists) beside it; return the JSON path."""
+    """Write the history as JSON (lists + "meta") and the seed's pickle (dict of lists) beside it; return the JSON."""
     path = Path(path)
     lists = {k: [_plain(v) for v in values] for k, values in history.items() if k != "meta"}
     write_json(path, {**lists, "meta": {**dict(history.get("meta") or {}), **dict(meta or {})}})

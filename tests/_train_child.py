@@ -1,7 +1,7 @@
 """Subprocess helper for tests/test_training.py (things that need a fresh process).
 
-  train    — train_from_config(RunConfig(**--config)) on --data; --pause-epoch N writes --marker after the first batch of
-             epoch N and then sleeps, so the test can SIGKILL it mid-epoch at a known point.
+  train    — train_from_config(RunConfig(**--config)) on --data; --pause-epoch N writes --marker after the
+             first batch of epoch N and then sleeps, so the test can SIGKILL it mid-epoch at a known point.
   mirrored — split the CPU into two logical devices before TensorFlow starts, then let choose_strategy
              pick MirroredStrategy and fine-tune a small model on it; prints a JSON summary.
 """
