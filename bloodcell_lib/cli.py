@@ -88,6 +88,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     comparison = compare_results(args.results_dir)
     print(comparison.to_markdown())
+    paths = comparison.save(args.results_dir)
+    print(f"Saved {paths['csv']} and {paths['markdown']}")
     return 0
 
 

@@ -38,7 +38,7 @@ def configure(arch: str, profile: str = "auto", data_dir: str | None = None, **p
     if cfg.profile != "paper" and (not cfg.data_dir or not Path(cfg.data_dir).exists()):
         cfg.data_dir = str(ensure_synthetic_data(cfg))
         notes.append(f"no dataset given: using the synthetic stand-in at {cfg.data_dir}")
-    if cfg.profile == "demo" and cfg.weights == "imagenet" and not imagenet_reachable():
+    if cfg.profile == "demo" and cfg.weights == "imagenet" and not imagenet_reachable(spec.key):
         cfg.weights = None
         notes.append("IMAGENET WEIGHTS ARE NOT REACHABLE: training from random initialisation (weights=None); "
                      "these numbers say nothing about transfer learning")
@@ -48,11 +48,11 @@ def configure(arch: str, profile: str = "auto", data_dir: str | None = None, **p
     return cfg
 
 
-def imagenet_reachable() -> bool:
-    """True when Keras could download ImageNet weights (cached file or network)."""
+def imagenet_reachable(arch: str) -> bool:
+    """True when Keras could load the architecture's ImageNet weights (cached file or network)."""
     from bloodcell_lib.model import imagenet_available
 
-    return imagenet_available()
+    return imagenet_available(arch)
 
 
 def ensure_synthetic_data(cfg: RunConfig) -> Path:

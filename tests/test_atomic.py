@@ -26,3 +26,12 @@ def test_write_json_is_strict_json(tmp_path):
     target = write_json(tmp_path / "r.json", {"auc": float("nan"), "ci": [np.float64("nan"), 0.5], "x": np.inf})
     assert json.loads(target.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict {c}")) == {
         "auc": None, "ci": [None, 0.5], "x": None}
+
+
+def test_written_files_follow_the_umask_like_open(tmp_path):
+    import os
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    target = write_text(tmp_path / "atomic.txt", "x")
+    assert os.stat(target).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
