@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", help="registry keys or notebook names (default: all five)")
     parser.add_argument("--epochs", type=int, help="total epochs over both phases (default: the profile's)")
     parser.add_argument("--output", default=str(HERE / "Saved Models"), help="where everything of the run goes")
+    parser.add_argument("--leakage", metavar="ARCH",
+                        help="also train ARCH on an image-level split to measure how much leakage inflates accuracy")
     return parser.parse_args(argv)
 
 
@@ -68,6 +70,27 @@ def run_notebook(source: Path, target: Path, parameters: dict) -> tuple[bool, fl
         return False, time.perf_counter() - start, message[-1] if message else exc.__class__.__name__
 
 
+def run_step(i: int, total: int, source: Path, executed: Path, parameters: dict) -> tuple[str, bool, float, str]:
+    """Run one notebook with a progress line before and after; return its summary row."""
+    print(f"[{i}/{total}] {source.name} ...", flush=True)
+    ok, seconds, error = run_notebook(source, executed / source.name, parameters)
+    print(f"[{i}/{total}] {source.name} {'ok' if ok else 'FAILED: ' + error} ({seconds:.0f} s)", flush=True)
+    return source.name, ok, seconds, error
+
+
+def run_leakage(output: Path, arch: str, profile: str, epochs: int | None) -> tuple[str, bool, float, str]:
+    """Train one architecture on an image-level split of the same data; return a summary row."""
+    from bloodcell_lib.study import measure_leakage
+
+    print(f"Leakage: training {arch} on an image-level split ...", flush=True)
+    start = time.perf_counter()
+    try:
+        measure_leakage(output, arch, profile=profile, epochs=epochs)
+        return f"leakage ({arch})", True, time.perf_counter() - start, ""
+    except Exception as exc:  # noqa: BLE001 — the comparison still runs without it
+        return f"leakage ({arch})", False, time.perf_counter() - start, f"{exc.__class__.__name__}: {exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen model notebooks, then the Comparison; return 0 only when all succeeded."""
     args = parse_args(argv)
@@ -83,17 +106,14 @@ def main(argv: list[str] | None = None) -> int:
               "synthetic set. Pass --data-dir with the Kaggle folder for the real study.")
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
     parameters = {"DATA_DIR": data_dir, "PROFILE": profile, "EPOCHS": args.epochs, "OUTPUT_DIR": str(output)}
-    print(f"Profile {profile}; output {output}; {len(models)} model notebook(s) then Comparison.")
+    print(f"Profile {profile}; output {output}; {len(models)} model notebook(s)"
+          f"{', a leakage run' if args.leakage else ''} then Comparison.")
 
-    results: list[tuple[str, bool, float, str]] = []
-    jobs = [(key, path, parameters) for key, path in models.items()]
-    jobs.append(("comparison", NOTEBOOKS / "Comparison.ipynb", {"OUTPUT_DIR": str(output)}))
-    for i, (key, source, params) in enumerate(jobs, 1):
-        print(f"[{i}/{len(jobs)}] {source.name} ...", flush=True)
-        ok, seconds, error = run_notebook(source, executed / source.name, params)
-        status = "ok" if ok else f"FAILED: {error}"
-        print(f"[{i}/{len(jobs)}] {source.name} {status} ({seconds:.0f} s)", flush=True)
-        results.append((source.name, ok, seconds, error))
+    total = len(models) + 1
+    results = [run_step(i, total, source, executed, parameters) for i, source in enumerate(models.values(), 1)]
+    if args.leakage:
+        results.append(run_leakage(output, args.leakage, profile, args.epochs))
+    results.append(run_step(total, total, NOTEBOOKS / "Comparison.ipynb", executed, {"OUTPUT_DIR": str(output)}))
 
     failed = [r for r in results if not r[1]]
     print("\nSummary")

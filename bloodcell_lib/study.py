@@ -242,6 +242,29 @@ def outputs_written(cfg: RunConfig) -> pd.DataFrame:
     return pd.DataFrame({"file": [str(p) for p in files], "kB": [round(p.stat().st_size / 1024, 1) for p in files]})
 
 
+LEAKAGE_FOLDER = "leakage"
+
+
+def measure_leakage(output_dir: str | Path, arch: str, profile: str = "demo", epochs: int | None = None) -> dict:
+    """Train and evaluate one architecture on an image-level split of the study's data (to measure leakage).
+
+    The model lives in `<output>/leakage/`; its results land beside the others as `<arch>_imagesplit_*`,
+    where the comparison turns them into the leakage delta.
+    """
+    from bloodcell_lib.evaluation import evaluate as _evaluate
+    from bloodcell_lib.split import load_split
+
+    output_dir = Path(output_dir)
+    study_split = load_split(output_dir / SPLIT_FILE)
+    cfg = configure(arch, profile=profile, data_dir=study_split.attrs["data_root"], epochs=epochs,
+                    output_dir=str(output_dir / LEAKAGE_FOLDER), split_by="image", seed=study_split.attrs.get("seed"))
+    split = prepare_split(cfg)
+    result = train(cfg, split)
+    return _evaluate(result.model, split, "test", output_dir, history=result.history, config=cfg.to_dict(),
+                     model_path=result.model_path, weights_used=result.weights_used, gradcam_images=0,
+                     n_boot=cfg.bootstrap, seed=cfg.seed, cost_repeats=cfg.cost_repeats)
+
+
 # --- The Comparison notebook ---------------------------------------------------------------------
 
 
@@ -276,7 +299,9 @@ def show_metric_bars(comparison, metric: str):
     """Figure: one metric per model with its interval as whiskers."""
     from bloodcell_lib.figures import plot_bars_with_intervals
 
-    t = comparison.table
+    t = comparison.table.dropna(subset=[metric])
+    if t.empty:
+        return f"No model has a {metric} yet."
     return plot_bars_with_intervals(t["model"], t[metric].astype(float), t[f"{metric}_ci"].tolist(), metric)
 
 

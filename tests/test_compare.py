@@ -104,3 +104,15 @@ def test_empty_folder_gives_an_empty_table(tmp_path):
 def test_markdown_table_escapes_pipes():
     text = markdown_table(pd.DataFrame({"a": ["x|y"], "b": [0.12345]}))
     assert text.splitlines()[2] == "| x/y | 0.123 |"
+
+
+def test_comparison_notebook_steps_survive_an_empty_folder(tmp_path):
+    """Regression: with no results at all the Comparison notebook crashed drawing the metric bars."""
+    from bloodcell_lib import study
+
+    comparison = study.compare(tmp_path)
+    assert study.comparison_table(comparison).empty
+    for shown in (study.show_metric_bars(comparison, "macro_f1"), study.show_cost_scatter(comparison, "latency_ms"),
+                  study.show_mcnemar(comparison), study.show_gradcam_side_by_side(tmp_path)):
+        assert isinstance(shown, str)
+    assert study.shortcut_and_leakage(comparison).empty
