@@ -8,17 +8,17 @@ FLOPs count a multiply-add as two operations (the TensorFlow profiler's conventi
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from bloodcell_lib.errors import ModelError
+from bloodcell_lib.quiet import quiet_tensorflow
 
 
 def measure_cost(model, model_path: str | Path | None = None, training_seconds: float | None = None,
@@ -159,26 +159,12 @@ def _profiler_flops(model, size: tuple[int, ...]) -> int:
     frozen = convert_variables_to_constants_v2(concrete)
     builder = tf.compat.v1.profiler.ProfileOptionBuilder
     options = builder(builder.float_operation()).with_empty_output().build()
-    with _quiet_tf():
+    with quiet_tensorflow():
         profile = tf.compat.v1.profiler.profile(graph=frozen.graph, run_meta=tf.compat.v1.RunMetadata(),
                                                 cmd="op", options=options)
     if profile is None or profile.total_float_ops <= 0:
         raise RuntimeError("the profiler counted no floating-point operations")
     return int(profile.total_float_ops)
-
-
-@contextlib.contextmanager
-def _quiet_tf() -> Iterator[None]:
-    """The v1 profiler logs deprecation warnings for every graph it reads; they are not ours to fix."""
-    import tensorflow as tf
-
-    logger = tf.get_logger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _all_layers(model) -> list:

@@ -9,14 +9,13 @@ saturated softmax probability vanish and give empty maps for confidently classif
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import zlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from bloodcell_lib.errors import ConfigError, ModelError
+from bloodcell_lib.quiet import quiet_tensorflow
 
 METHODS = ("gradcam", "gradcam++")
 
@@ -278,7 +277,7 @@ def _heatmaps_and_classes(model, images, class_indices, layer, method, batch_siz
     heat = np.empty(x.shape[:3], dtype=np.float32)
     classes = np.empty(n, dtype=np.int64)
     step = max(1, batch_size)
-    with _quiet_tf():
+    with quiet_tensorflow():
         for start in range(0, n, step):
             maps, chosen = fn(tf.constant(x[start:start + step]), tf.constant(wanted[start:start + step]))
             heat[start:start + step] = maps.numpy()
@@ -411,23 +410,9 @@ def _compiled_forward(model, image_shape: tuple[int, ...]):
 
 def _run_batched(fn, x: np.ndarray, batch_size: int) -> np.ndarray:
     step = max(1, batch_size)
-    with _quiet_tf():
+    with quiet_tensorflow():
         parts = [np.asarray(fn(x[i:i + step]), dtype=np.float64) for i in range(0, len(x), step)]
     return np.concatenate(parts)
-
-
-@contextlib.contextmanager
-def _quiet_tf() -> Iterator[None]:
-    """Silence TensorFlow's 'frequent retracing' warning: we trace one function per call on purpose."""
-    import tensorflow as tf
-
-    logger = tf.get_logger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _deletion_baseline(x: np.ndarray, baseline_value: float | str | None) -> np.ndarray:

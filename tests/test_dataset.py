@@ -13,12 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bloodcell_lib import images
+from bloodcell_lib import images, synthetic
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.dataset import check_dataset, find_data_root
 from bloodcell_lib.errors import DatasetError, MissingClassError
-
-synthetic = pytest.importorskip("bloodcell_lib.synthetic")
 
 TINY = {"per_class": 6, "size": 48, "duplicates": 1}  # 12 files per class
 

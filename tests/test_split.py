@@ -34,14 +34,6 @@ def cells_frame(root, groups_per_class=(40, 30, 50, 45, 35), max_copies=3, seed=
     return frame
 
 
-def _has_dataset_module():
-    try:
-        import bloodcell_lib.dataset  # noqa: F401  (written alongside; optional for these tests)
-    except ImportError:
-        return False
-    return True
-
-
 def subsets_per_group(split):
     return split.groupby("group")["subset"].nunique()
 
@@ -161,12 +153,11 @@ def test_load_without_sidecar_needs_the_data_dir(tmp_path):
         load_split(path)
     assert load_split(path, data_root=data).attrs["data_root"] == str(data.resolve())
     # --data-dir may name the folder a Kaggle zip unpacked to, with the class folders a level below.
-    if _has_dataset_module():
-        first = load_split(path, data_root=data)["path"].iloc[0]
-        for label in CLASSES:
-            (data / label).mkdir()
-        (data / first).write_bytes(b"")
-        assert load_split(path, data_root=tmp_path).attrs["data_root"] == str(data.resolve())
+    first = load_split(path, data_root=data)["path"].iloc[0]
+    for label in CLASSES:
+        (data / label).mkdir()
+    (data / first).write_bytes(b"")
+    assert load_split(path, data_root=tmp_path).attrs["data_root"] == str(data.resolve())
     with pytest.raises(SplitError, match="does not exist"):
         load_split(path, data_root=tmp_path / "moved")
 
@@ -199,8 +190,8 @@ def test_split_is_never_written_into_the_dataset(tmp_path):
 
 
 def test_cli_split_on_a_synthetic_set(tmp_path):
-    synthetic = pytest.importorskip("bloodcell_lib.synthetic")
-    pytest.importorskip("bloodcell_lib.dataset")
+    from bloodcell_lib import synthetic
+
     data = tmp_path / "synth"
     manifest = synthetic.make_synthetic_dataset(data, per_class=6, size=48, duplicates=1, seed=0)
     cells = synthetic.load_manifest(manifest)
