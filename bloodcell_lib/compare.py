@@ -98,6 +98,9 @@ def compare_results(results_dir: str | Path, expected: list[str] | None = None) 
             runs[results.get("run", results["architecture"])] = results
         except (OSError, ValueError, KeyError, TypeError) as exc:
             problems.append(f"{path.name}: unreadable or incomplete ({exc.__class__.__name__}: {exc})")
+    order = {key: i for i, key in enumerate(ARCHITECTURES)}
+    # Registry order, image-split runs after their group-split twins, the baseline last.
+    rows.sort(key=lambda r: (r["run"] == BASELINE_RUN, order.get(r["architecture"], len(order)), r["run"]))
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     present = {r["architecture"] for r in runs.values()}
     missing = [f"{key} (no results file)" for key in expected if key not in present]
