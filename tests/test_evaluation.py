@@ -110,3 +110,18 @@ def test_gradcam_examples_cover_right_and_wrong_of_every_class():
 def test_missing_model_file_is_a_clear_error(tmp_path):
     run = _cli("evaluate", "--model", str(tmp_path / "nope.keras"), "--split", str(tmp_path / "s.csv"))
     assert run.returncode == 2 and "nope.keras" in run.stderr
+
+
+def test_the_test_subset_gets_exactly_one_prediction_pass(trained, tmp_path):
+    from bloodcell_lib.evaluation import evaluate
+    from bloodcell_lib.model import load_trained_model
+    from bloodcell_lib.split import load_split
+
+    _, out = trained
+    model, _ = load_trained_model(out / "vgg16.keras")
+    calls = []
+    original = model.predict
+    model.predict = lambda *a, **k: calls.append(1) or original(*a, **k)
+    evaluate(model, load_split(out / "split.csv"), "test", tmp_path, gradcam_images=0, n_boot=10,
+             make_figures=False, cost_repeats=1)
+    assert len(calls) == 1
