@@ -29,7 +29,8 @@ class Comparison:
 
     def best_and_runner_up(self) -> tuple[pd.Series | None, pd.Series | None]:
         """The CNN rows with the highest and second-highest macro-F1 (None when absent)."""
-        cnns = self.table[self.table["run"] != BASELINE_RUN].sort_values("macro_f1", ascending=False)
+        t = self.table
+        cnns = t[(t["run"] != BASELINE_RUN) & (t["split_by"] != "image")].sort_values("macro_f1", ascending=False)
         rows = [cnns.iloc[i] if len(cnns) > i else None for i in (0, 1)]
         return rows[0], rows[1]
 
@@ -111,7 +112,7 @@ def compare_results(results_dir: str | Path, expected: list[str] | None = None) 
 
 
 TABLE_COLUMNS = [
-    "model", "run", "architecture", "weights", "image_size", "n_test",
+    "model", "run", "architecture", "split_by", "weights", "image_size", "n_test",
     *[c for k in INTERVAL_KEYS for c in (k, f"{k}_ci")],
     "gradcam_focus", "gradcam_deletion_auc", "gradcam_sanity_spearman",
     "params_total", "params_trainable", "flops_per_image", "keras_file_mb", "training_seconds", "epochs",
@@ -124,10 +125,13 @@ def table_row(results: dict[str, Any]) -> dict[str, Any]:
     m = results["metrics"]
     cost = results.get("cost") or {}
     cam = (results.get("explainability") or {}).get("gradcam") or {}
+    split_by = (results.get("split") or {}).get("split_by", "group")
+    name = results.get("display_name", results["architecture"])
     row: dict[str, Any] = {
-        "model": results.get("display_name", results["architecture"]),
+        "model": f"{name} (image-level split, leaks)" if split_by == "image" else name,
         "run": results.get("run", results["architecture"]),
         "architecture": results["architecture"],
+        "split_by": split_by,
         "weights": results.get("weights"),
         "image_size": results.get("image_size"),
         "n_test": m.get("n"),
