@@ -23,6 +23,9 @@ from bloodcell_lib.atomic import write_json, write_text
 from bloodcell_lib.classes import CLASSES, canonical_class
 from bloodcell_lib.errors import SplitError
 
+# The file name of a study's split inside its output folder; every model there is trained on it.
+SPLIT_FILE = "split.csv"
+
 logger = logging.getLogger(__name__)
 
 SUBSETS: tuple[str, ...] = ("train", "val", "test")

@@ -15,9 +15,9 @@ import pandas as pd
 
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.config import RunConfig, output_dir_override, profile_config
+from bloodcell_lib.split import SPLIT_FILE
 
 SYNTHETIC_FOLDER = "synthetic_data"
-SPLIT_FILE = "split.csv"
 
 
 def configure(arch: str, profile: str = "auto", data_dir: str | None = None, **params: Any) -> RunConfig:
@@ -42,8 +42,6 @@ def configure(arch: str, profile: str = "auto", data_dir: str | None = None, **p
         cfg.weights = None
         notes.append("IMAGENET WEIGHTS ARE NOT REACHABLE: training from random initialisation (weights=None); "
                      "these numbers say nothing about transfer learning")
-    if cfg.split_path is None:
-        cfg.split_path = str(cfg.output_path / SPLIT_FILE)
     cfg.extra["notes"] = notes
     return cfg
 
@@ -130,19 +128,10 @@ def duplicate_groups_table(report) -> pd.DataFrame:
 
 
 def prepare_split(cfg: RunConfig, report=None) -> pd.DataFrame:
-    """Load the study's split when it exists for this dataset; otherwise make it and save it."""
-    from bloodcell_lib.split import load_split, make_split, save_split
+    """The study's split: the output folder's split for this dataset, or a new one made and saved there."""
+    from bloodcell_lib.training import resolve_split
 
-    path = Path(cfg.split_path)
-    if path.exists():
-        split = load_split(path)
-        if Path(split.attrs["data_root"]).resolve() == Path(report.root if report else cfg.data_dir).resolve():
-            split.attrs["split_path"] = str(path)
-            return split
-    split = make_split(report if report is not None else cfg.data_dir, val=cfg.val_fraction, test=cfg.test_fraction,
-                       seed=cfg.seed, split_by=cfg.split_by)
-    save_split(split, path)
-    split = load_split(path)
+    split, path = resolve_split(cfg, verbose=1, report=report)
     split.attrs["split_path"] = str(path)
     return split
 
@@ -184,7 +173,7 @@ def train(cfg: RunConfig, split: pd.DataFrame):
     """Fine-tune the architecture in two phases (Keras progress bar shows live progress)."""
     from bloodcell_lib.training import train_from_config
 
-    return train_from_config(cfg.replace(split_path=split.attrs.get("split_path", cfg.split_path)))
+    return train_from_config(cfg.replace(split_path=split.attrs["split_path"]))
 
 
 def show_curves(result):

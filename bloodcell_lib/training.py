@@ -39,10 +39,10 @@ from bloodcell_lib.config import RunConfig
 from bloodcell_lib.errors import ConfigError, ModelError, SplitError
 from bloodcell_lib.model import base_layers, build_model, check_image_size, describe_weights, head_layers
 from bloodcell_lib.registry import get_arch
+from bloodcell_lib.split import SPLIT_FILE
 
 HISTORY_KEYS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
 RESUME_FOLDER = ".resume"
-SPLIT_FILE = "split.csv"
 _STATE_FILE = "state.json"
 _STATE_VERSION = 1
 # ReduceLROnPlateau: divide the rate by 5 after half of EarlyStopping's patience without improvement.
@@ -81,7 +81,7 @@ def train_from_config(
         model = build_model(spec.key, image_size=size, weights=cfg.weights, dropout=cfg.dropout,
                             hidden_units=cfg.hidden_units)
     weights_used = describe_weights(cfg.weights)
-    split, split_path = _split_for(cfg, verbose)
+    split, split_path = resolve_split(cfg, verbose)
     datasets = {
         subset: make_dataset(split, subset, size, spec.preprocess, batch_size=cfg.batch_size, cache=cfg.cache,
                              seed=cfg.seed)
@@ -297,8 +297,11 @@ def load_history(path: str | Path, allow_pickle: bool = False) -> dict[str, Any]
 # Internals
 
 
-def _split_for(cfg: RunConfig, verbose: int):
-    """Return (split, path): the given split, the output folder's split for this dataset, or a new one saved there."""
+def resolve_split(cfg: RunConfig, verbose: int = 1, report=None):
+    """Return (split, path): the given split, the output folder's split for this dataset, or a new one saved there.
+
+    report: a DatasetReport of cfg.data_dir already made (saves a second scan of the folder).
+    """
     from bloodcell_lib.dataset import find_data_root
     from bloodcell_lib.split import load_split, make_split, save_split
 
@@ -322,7 +325,7 @@ def _split_for(cfg: RunConfig, verbose: int):
             f"{path} holds a split made with other settings ({found}) than this run's ({same}); the models in "
             f"{cfg.output_path} must share one split. Pass it with --split, or choose another --output folder."
         )
-    split = make_split(cfg.data_dir, val=cfg.val_fraction, test=cfg.test_fraction, seed=cfg.seed,
+    split = make_split(report if report is not None else cfg.data_dir, val=cfg.val_fraction, test=cfg.test_fraction, seed=cfg.seed,
                        split_by=cfg.split_by, progress=bool(verbose))
     save_split(split, path)
     if verbose:
