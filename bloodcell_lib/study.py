@@ -55,6 +55,7 @@ def imagenet_reachable(arch: str) -> bool:
 
 def ensure_synthetic_data(cfg: RunConfig) -> Path:
     """Generate the profile's synthetic set under the output folder once; reuse it afterwards."""
+    from bloodcell_lib.atomic import write_json
     from bloodcell_lib.synthetic import make_synthetic_dataset
 
     out = cfg.output_path / SYNTHETIC_FOLDER
@@ -64,8 +65,6 @@ def ensure_synthetic_data(cfg: RunConfig) -> Path:
     if stamp.exists() and json.loads(stamp.read_text()) == params:
         return out
     make_synthetic_dataset(out, **params)
-    from bloodcell_lib.atomic import write_json
-
     write_json(stamp, params)
     return out
 
