@@ -79,14 +79,18 @@ def make_dataset(
     if shuffle:
         ds = ds.shuffle(_shuffle_buffer(len(files), size, cache_kind), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
+    finish = _finish_fn(preprocess, augment)
     if augment:
         # One fresh random stream per epoch, reproducible from `seed`.
         noise = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         ds = tf.data.Dataset.zip(ds, noise).map(
-            lambda batch, r: (augment_batch(batch[0], tf.stack([tf.constant(seed, tf.int64), r])), batch[1]),
+            lambda batch, r: (finish(batch[0], augment_params(tf.shape(batch[0])[0],
+                                                              tf.stack([tf.constant(seed, tf.int64), r]))), batch[1]),
             num_parallel_calls=AUTOTUNE, deterministic=True,
         )
-    ds = ds.map(_preprocess_fn(preprocess), num_parallel_calls=AUTOTUNE, deterministic=True)
+    else:
+        ds = ds.map(lambda images, labels: (finish(images, None), labels),
+                    num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.prefetch(AUTOTUNE)
 
 
@@ -146,10 +150,25 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     Works on a batch of square images (uint8 or float in [0, 255]); returns float32 clipped to [0, 255].
     A cell has no up, down, left or right on a slide, so every orientation is a valid sample.
     """
-    n = tf.shape(images)[0]
+    return apply_augmentation(images, *augment_params(tf.shape(images)[0], seed))
+
+
+def augment_params(n: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Draw (quarter turns, mirror, brightness delta, contrast factor) for n images from a stateless seed.
+
+    Drawn outside XLA on purpose: XLA's stateless generators give other numbers for the same seed.
+    """
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=4)
     turns = tf.random.stateless_uniform([n], seeds[0], 0, 4, dtype=tf.int32)
     mirror = tf.random.stateless_uniform([n], seeds[1]) < 0.5
+    delta = tf.random.stateless_uniform([n, 1, 1, 1], seeds[2], -BRIGHTNESS_DELTA, BRIGHTNESS_DELTA) * 255.0
+    factor = tf.random.stateless_uniform([n, 1, 1, 1], seeds[3], *CONTRAST_RANGE)
+    return turns, mirror, delta, factor
+
+
+def apply_augmentation(images: tf.Tensor, turns: tf.Tensor, mirror: tf.Tensor, delta: tf.Tensor,
+                       factor: tf.Tensor) -> tf.Tensor:
+    """Apply drawn augmentation parameters to a batch; returns float32 clipped to [0, 255]."""
 
     def orient(args: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> tf.Tensor:
         image, k, flip = args
@@ -159,8 +178,6 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     # Per image (map_fn) on the batch's own dtype: several times faster than batch-wide tf.where selects.
     x = tf.map_fn(orient, (images, turns, mirror), fn_output_signature=images.dtype)
     x = tf.cast(x, tf.float32)
-    delta = tf.random.stateless_uniform([n, 1, 1, 1], seeds[2], -BRIGHTNESS_DELTA, BRIGHTNESS_DELTA) * 255.0
-    factor = tf.random.stateless_uniform([n, 1, 1, 1], seeds[3], *CONTRAST_RANGE)
     mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
     # Contrast about each channel's mean (like tf.image.adjust_contrast), then brightness, then clip.
     return tf.clip_by_value(x * factor + (mean * (1.0 - factor) + delta), 0.0, 255.0)
@@ -313,14 +330,28 @@ def _shuffle_buffer(n: int, size: int, cache_kind: str) -> int:
     return max(1, min(n, _SHUFFLE_BUFFER_BYTES // (size * size * 3)))
 
 
-def _preprocess_fn(preprocess: Callable[[Any], Any] | None):
-    def apply(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        x = tf.cast(images, tf.float32)
+def _finish_fn(preprocess: Callable[[Any], Any] | None, augment: bool):
+    """Return (uint8 batch, augmentation parameters or None) -> float32 batch, XLA-compiled when it can be.
+
+    After the cache, all per-batch work is per-pixel arithmetic. TensorFlow runs it op by op, one pass over
+    the batch each; XLA fuses it into a few passes, 3-7× faster on 2 CPU cores (BENCHMARKS.md, a).
+    Falls back to the plain graph when `preprocess` cannot be compiled (e.g. it calls numpy).
+    """
+
+    def finish(images: tf.Tensor, params: tuple | None) -> tf.Tensor:
+        x = apply_augmentation(images, *params) if augment else tf.cast(images, tf.float32)
         if preprocess is not None:
             x = tf.cast(preprocess(x), tf.float32)
-        return x, labels
+        return x
 
-    return apply
+    compiled = tf.function(finish, jit_compile=True, autograph=False)
+    probe = tf.zeros([1, 8, 8, 3], tf.uint8)
+    try:
+        compiled(probe, augment_params(1, tf.constant([0, 0], tf.int64)) if augment else None)
+    except Exception:  # noqa: BLE001 - whatever XLA refuses, the plain graph runs
+        logger.info("preprocess %r cannot be XLA-compiled; the pipeline runs it uncompiled.", preprocess)
+        return finish
+    return compiled
 
 
 def _round_robin(labels: np.ndarray, limit: int) -> np.ndarray:

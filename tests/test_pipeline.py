@@ -256,3 +256,20 @@ def test_class_weights_are_balanced():
         class_weights([0, 5])
     with pytest.raises(DatasetError):
         class_weights([])
+
+
+def test_a_preprocess_xla_cannot_compile_still_runs(dataset):
+    """The pipeline compiles per-batch work with XLA; a preprocess XLA refuses falls back to the plain graph."""
+
+    def numpy_preprocess(x):
+        y = tf.numpy_function(lambda a: (a / 255.0).astype("float32"), [x], tf.float32)
+        y.set_shape(x.shape)
+        return y
+
+    for augment in (False, True):
+        x, _ = collect(make_dataset(dataset, "val", S, numpy_preprocess, batch_size=4, augment=augment,
+                                    shuffle=False))
+        plain, _ = collect(make_dataset(dataset, "val", S, lambda v: v / 255.0, batch_size=4, augment=augment,
+                                        shuffle=False))
+        np.testing.assert_allclose(x, plain, atol=1e-5)
+        assert 0.0 <= x.min() and x.max() <= 1.0
