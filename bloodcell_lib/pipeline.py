@@ -195,7 +195,7 @@ def decoded_dataset(files: Sequence[tuple[str, int]], labels: np.ndarray, image_
 
 
 def decode_and_resize(path: tf.Tensor, route: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Decode one file to RGB and resize it to S×S (bilinear, antialiased, rounded to uint8 like predict)."""
+    """Decode one file to RGB and resize it to S×S with resize_uint8 (predict uses the same)."""
 
     def tf_jpeg() -> tf.Tensor:
         return tf.io.decode_jpeg(tf.io.read_file(path), channels=3, dct_method="INTEGER_ACCURATE")
@@ -207,7 +207,11 @@ def decode_and_resize(path: tf.Tensor, route: tf.Tensor, image_size: int) -> tf.
         return tf.numpy_function(_read_rgb_bytes, [path], tf.uint8, stateful=False)
 
     image = tf.switch_case(route, [tf_jpeg, tf_other, pillow])
-    image = tf.ensure_shape(image, [None, None, 3])
+    return resize_uint8(tf.ensure_shape(image, [None, None, 3]), image_size)
+
+
+def resize_uint8(image: tf.Tensor | np.ndarray, image_size: int) -> tf.Tensor:
+    """Resize an RGB image to S×S (bilinear, antialiased) and round back to uint8: the one resize we use."""
     resized = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 

@@ -11,11 +11,10 @@ from bloodcell_lib.classes import CLASSES
 
 
 def prepare_image(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Resize an RGB uint8 image to size×size the way the pipeline does (area-averaged, uint8)."""
-    import tensorflow as tf
+    """Resize an RGB uint8 image to size×size exactly as the training pipeline does."""
+    from bloodcell_lib.pipeline import resize_uint8
 
-    resized = tf.image.resize(rgb, (size, size), method="bilinear", antialias=True)
-    return np.clip(np.rint(resized.numpy()), 0, 255).astype(np.uint8)
+    return resize_uint8(rgb, size).numpy()
 
 
 def predict_files(model_path: str | Path, image_paths: Sequence[str | Path],

@@ -273,3 +273,12 @@ def test_a_preprocess_xla_cannot_compile_still_runs(dataset):
                                         shuffle=False))
         np.testing.assert_allclose(x, plain, atol=1e-5)
         assert 0.0 <= x.min() and x.max() <= 1.0
+
+
+def test_predict_prepares_images_exactly_like_the_pipeline(dataset):
+    from bloodcell_lib.predict import prepare_image
+
+    images, _, paths = load_images(dataset, "val", S)
+    root = dataset.attrs["data_root"]
+    for image, rel in zip(images, paths):
+        np.testing.assert_array_equal(prepare_image(read_rgb(f"{root}/{rel}"), S), image)
