@@ -54,7 +54,3 @@ def canonical_class(name: str) -> str | None:
     """Return the class a folder name stands for (case, spaces, '-' and '_' ignored), or None."""
     return _ALIASES.get(_normalise(name))
 
-
-def class_index(name: str) -> int:
-    """Return the position of a canonical class name in CLASSES."""
-    return CLASSES.index(name)

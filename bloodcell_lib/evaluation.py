@@ -127,9 +127,9 @@ def cell_masks(split: pd.DataFrame, paths: list[str], images: np.ndarray) -> tup
 
 def explain_model(model, split: pd.DataFrame, frame: pd.DataFrame, output_dir: Path, name: str,
                   n_images: int, seed: int = 0, make_figures: bool = True) -> dict[str, Any]:
-    """Grad-CAM and Grad-CAM++ on chosen test images: focus, deletion AUC, sanity; grid figure saved."""
+    """Grad-CAM and Grad-CAM++ on chosen test images: focus, deletion AUC, sanity; grid figures saved."""
     from bloodcell_lib.explain import explain_summary, gradcam_heatmaps, overlay_heatmap
-    from bloodcell_lib.figures import plot_gradcam_grid
+    from bloodcell_lib.figures import plot_gradcam_grid, plot_sample_predictions
     from bloodcell_lib.model import model_image_size
     from bloodcell_lib.pipeline import load_images
     from bloodcell_lib.registry import get_arch
@@ -138,13 +138,13 @@ def explain_model(model, split: pd.DataFrame, frame: pd.DataFrame, output_dir: P
         return {}
     spec = get_arch(model.name)
     idx = select_gradcam_examples(frame, n_images, seed)
-    rows = split[split["subset"] == "test"].reset_index(drop=True).iloc[idx]
-    chosen = split.loc[split["path"].isin(rows["path"])]
+    chosen = split[split["subset"] == "test"].iloc[idx]
     chosen.attrs = dict(split.attrs)
-    images, labels, paths = load_images(chosen, chosen["subset"].iloc[0], model_image_size(model))
+    images, labels, paths = load_images(chosen, "test", model_image_size(model))
     masks, mask_source = cell_masks(split, paths, images)
     x = spec.preprocess(images.astype("float32"))
-    pred = frame.set_index("path").loc[paths, "pred_label"].map(CLASSES.index).to_numpy()
+    shown = frame.set_index("path").loc[paths]
+    pred = shown["pred_label"].map(CLASSES.index).to_numpy()
     block: dict[str, Any] = {"mask_source": mask_source, "layer": spec.last_conv_layer, "image_paths": paths}
     heat = {}
     for method in ("gradcam", "gradcam++"):
@@ -155,6 +155,8 @@ def explain_model(model, split: pd.DataFrame, frame: pd.DataFrame, output_dir: P
         overlays = np.stack([overlay_heatmap(img, h) for img, h in zip(images, heat["gradcam"])])
         plot_gradcam_grid(images, overlays, labels, pred, path=output_dir / f"{name}_gradcam.png",
                           title=f"Grad-CAM — {spec.display_name}")
+        plot_sample_predictions(images, labels, pred, shown[PROB_COLUMNS].max(axis=1).to_numpy(),
+                                path=output_dir / f"{name}_samples.png")
     return block
 
 

@@ -138,6 +138,7 @@ from that file. Intervals are 95% bootstrap intervals that resample whole duplic
 study.metrics_table(results)"""),
         code('study.show_figure(results, "confusion_normalised")'),
         code('study.show_figure(results, "roc")'),
+        code('study.show_figure(results, "samples")'),
         code("study.classification_report_table(results)"),
         md("""## Explainability
 

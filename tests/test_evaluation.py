@@ -77,7 +77,7 @@ def test_results_file_holds_every_block(evaluated):
         assert low is None or low <= high
     assert {"gradcam", "gradcam++"} <= set(results["explainability"])
     assert results["cost"]["params_total"] > 0 and results["cost"]["latency_ms_batch1_median"] > 0
-    for name in ("confusion", "confusion_normalised", "roc", "curves", "gradcam"):
+    for name in ("confusion", "confusion_normalised", "roc", "curves", "gradcam", "samples"):
         assert (out / f"efficientnetb3_{name}.png").stat().st_size > 1000
 
 
