@@ -1,4 +1,4 @@
-"""Classification metrics with cluster-bootstrap intervals, calibration error and McNemar's test.
+"""Classification metrics with cluster-bootstrap intervals, calibration error and paired model comparison.
 
 Plain functions over arrays in scikit-learn's `f(y_true, y_score)` style, no hidden state.
 Labels are integer positions in CLASSES (class names are accepted too); `proba` is N×len(CLASSES).
@@ -9,6 +9,9 @@ narrow. We resample whole duplicate groups (draw groups with replacement, take a
 
 Every bootstrap resample is represented as integer weights per image (how often its group was drawn),
 so all metrics of all resamples come out of a few matrix products instead of 1000 sklearn calls.
+Comparing two models reuses that: the same group draws weight both models' predictions (paired), and a
+weight row over the two models' predictions side by side swaps them within whole groups (the test).
+McNemar's per-image test is kept for reference only; it treats copies of a cell as independent.
 """
 
 from __future__ import annotations
@@ -132,6 +135,94 @@ def bootstrap_ci(
     return _percentile_interval(values, ci)
 
 
+def paired_comparison(
+    y_true: Sequence[Any],
+    proba_a: np.ndarray,
+    proba_b: np.ndarray,
+    groups: Sequence[Any] | None = None,
+    metric: str = "macro_f1",
+    n_boot: int = 2000,
+    seed: int = 0,
+    ci: float = 0.95,
+    n_perm: int | None = None,
+) -> dict[str, Any]:
+    """Return metric(a) − metric(b) on the same images with a paired group-bootstrap interval and a p-value.
+
+    metric: a key of SCALAR_KEYS (for log_loss and ece lower is better, so a negative delta favours a);
+    groups: duplicate-group id per image (None → every image is its own group);
+    n_perm: group swaps for the p-value (None → n_boot).
+    Returns delta, ci [low, high], p_value, metric_a, metric_b, metric, n, n_groups, valid_resamples,
+    n_boot, n_perm, seed, unit and method.
+
+    Interval: the percentile interval of the deltas over resamples that draw whole groups with
+    replacement, the SAME draw for both models (the draws of compute_metrics with the same seed).
+    Resamples where the delta is undefined (NaN) are left out and valid_resamples says how many remain.
+
+    p-value: a two-sided group sign-flip (permutation) test. Its null hypothesis is that the two
+    models are interchangeable cell by cell: swapping a's and b's predictions on all copies of a cell
+    leaves the distribution of the data unchanged. Under it every pattern of swaps is equally likely, so
+    p = (1 + #{|swapped delta| ≥ |delta|}) / (1 + swaps) never rejects more often than its level, at any
+    number of cells and for any metric, and copies move together so they never count as independent
+    evidence. A test of the centred bootstrap distribution would only be valid asymptotically
+    (anti-conservative with few cells). tests/test_metrics.py checks the level and the power by
+    simulation. Interval and test answer slightly different questions, so right at the boundary one may
+    exclude 0 while the other does not.
+    """
+    if metric not in SCALAR_KEYS:
+        raise ValueError(f"paired_comparison: unknown metric {metric!r}; choose one of {list(SCALAR_KEYS)}.")
+    n_perm = n_boot if n_perm is None else n_perm
+    if n_boot < 0 or n_perm < 0:
+        raise ValueError(f"paired_comparison: n_boot and n_perm must be ≥ 0, got {n_boot} and {n_perm}.")
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"paired_comparison: ci is the interval's coverage in (0, 1), got {ci}.")
+    y, p_a = _check_inputs(y_true, proba_a)
+    try:
+        _, p_b = _check_inputs(y, proba_b)
+    except ValueError as exc:
+        raise ValueError(f"proba_b does not match y_true and proba_a: {exc}") from exc
+    codes = _group_codes(groups, len(y))
+    n_groups = int(codes.max()) + 1
+
+    ones = np.ones((1, len(y)))
+    score_a = float(_weighted_metrics(ones, y, p_a, (metric,))[metric][0])
+    score_b = float(_weighted_metrics(ones, y, p_b, (metric,))[metric][0])
+    delta = score_a - score_b
+    boot = _paired_bootstrap_deltas(y, p_a, p_b, codes, metric, n_boot, seed)
+    swapped = _group_swap_deltas(y, p_a, p_b, codes, metric, n_perm, seed)
+    finite = swapped[np.isfinite(swapped)]
+    if np.isfinite(delta) and finite.size:
+        # 1e-12 absorbs rounding, so a swap that reproduces |delta| exactly counts as extreme.
+        p_value = float((1 + np.sum(np.abs(finite) >= abs(delta) - 1e-12)) / (1 + finite.size))
+    else:
+        p_value = float("nan")
+    return {
+        "metric": metric, "delta": delta, "ci": _percentile_interval(boot, ci), "p_value": p_value,
+        "metric_a": score_a, "metric_b": score_b, "n": int(len(y)), "n_groups": n_groups,
+        "valid_resamples": int(np.isfinite(boot).sum()), "n_boot": int(n_boot), "n_perm": int(n_perm),
+        "seed": int(seed), "ci_level": float(ci), "unit": "group" if groups is not None else "image",
+        "method": "paired percentile bootstrap over whole groups; two-sided group sign-flip permutation test",
+    }
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Return Holm–Bonferroni step-down adjusted p-values in the input order (monotone, at most 1).
+
+    NaN entries (comparisons that could not be tested) stay NaN and do not count in the family.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError(f"holm_adjust: expected a flat list of p-values, got shape {p.shape}.")
+    finite = np.flatnonzero(np.isfinite(p))
+    if np.any((p[finite] < 0) | (p[finite] > 1)):
+        raise ValueError(f"holm_adjust: p-values must lie in [0, 1], got {p[finite].tolist()}.")
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = len(order)
+    adjusted = np.full(p.shape, np.nan)
+    # The k-th smallest p (0-based) is multiplied by m − k; the running maximum keeps the order monotone.
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    return adjusted.tolist()
+
+
 def mcnemar_table(y_true: Sequence[Any], pred_a: Sequence[Any], pred_b: Sequence[Any]) -> np.ndarray:
     """Return the 2×2 table [[both right, only A right], [only B right, both wrong]]."""
     y, a, b = (np.asarray(v) for v in (y_true, pred_a, pred_b))
@@ -149,7 +240,9 @@ def mcnemar_p(y_true: Sequence[Any], pred_a: Sequence[Any], pred_b: Sequence[Any
     """Return the two-sided exact McNemar p-value (binomial test on the discordant pairs).
 
     Always the exact test: scipy's binomtest is exact and fast for any count, so the chi-square
-    approximation buys nothing. Assumes the paired images are independent (copies of one cell are not).
+    approximation buys nothing. Assumes the paired images are independent; copies of one cell are not,
+    and with them it rejects far too often (simulated in tests/test_metrics.py). Secondary output only:
+    compare models with paired_comparison.
     """
     table = mcnemar_table(y_true, pred_a, pred_b)
     only_a, only_b = int(table[0, 1]), int(table[1, 0])
@@ -208,6 +301,41 @@ def _draw_group_counts(n_groups: int, n_boot: int, seed: int) -> np.ndarray:
     return rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)
 
 
+def _paired_bootstrap_deltas(
+    y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, codes: np.ndarray, metric: str, n_boot: int, seed: int
+) -> np.ndarray:
+    """Return metric(a) − metric(b) for each group-bootstrap resample, one draw shared by both models."""
+    counts = _draw_group_counts(int(codes.max()) + 1, n_boot, seed)
+    chunk = max(1, _MAX_CELLS_PER_CHUNK // len(y))
+    parts = [np.empty(0)]
+    for i in range(0, n_boot, chunk):
+        w = counts[i:i + chunk][:, codes].astype(np.float64)
+        parts.append(_weighted_metrics(w, y, p_a, (metric,))[metric] - _weighted_metrics(w, y, p_b, (metric,))[metric])
+    return np.concatenate(parts)
+
+
+def _group_swap_deltas(
+    y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, codes: np.ndarray, metric: str, n_perm: int, seed: int
+) -> np.ndarray:
+    """Return the delta after swapping a's and b's predictions on a random half of the groups, n_perm times.
+
+    Both models' predictions sit side by side (2N images); a 0/1 weight row picks, per image, whose
+    prediction the swapped "model a" uses, so one weighted kernel scores any metric for every swap.
+    """
+    rng = np.random.default_rng([seed, 1])  # its own stream: independent of the bootstrap draws
+    flips = rng.integers(0, 2, size=(n_perm, int(codes.max()) + 1))
+    y2, p2 = np.concatenate([y, y]), np.concatenate([p_a, p_b])
+    chunk = max(1, _MAX_CELLS_PER_CHUNK // (2 * len(y)))
+    parts = [np.empty(0)]
+    for i in range(0, n_perm, chunk):
+        swap = flips[i:i + chunk][:, codes].astype(np.float64)
+        keep = 1.0 - swap
+        as_a = _weighted_metrics(np.hstack([keep, swap]), y2, p2, (metric,))[metric]
+        as_b = _weighted_metrics(np.hstack([swap, keep]), y2, p2, (metric,))[metric]
+        parts.append(as_a - as_b)
+    return np.concatenate(parts)
+
+
 def _percentile_interval(values: np.ndarray, ci: float) -> list[float]:
     finite = values[np.isfinite(values)]
     if finite.size == 0:
@@ -233,12 +361,23 @@ def _bootstrap_all(
     return intervals, valid
 
 
-def _weighted_metrics(w: np.ndarray, y: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
-    """Return each scalar metric for every row of the B×N weight matrix (weights = copies of an image).
+def _weighted_metrics(
+    w: np.ndarray, y: np.ndarray, p: np.ndarray, keys: Sequence[str] = SCALAR_KEYS
+) -> dict[str, np.ndarray]:
+    """Return each metric in `keys` for every row of the B×N weight matrix (weights = copies of an image).
 
     With all weights 1 these equal scikit-learn's accuracy, f1 (macro over classes present in y_true
-    or y_pred, as sklearn's default) and roc_auc; tests check that.
+    or y_pred, as sklearn's default) and roc_auc; tests check that. Only the kernels `keys` need run.
     """
+    out: dict[str, np.ndarray] = {}
+    for key in keys:
+        if key not in out:
+            out.update(_WEIGHTED_KERNELS[key](w, y, p))
+    return {key: out[key] for key in keys}
+
+
+def _weighted_confusion_metrics(w: np.ndarray, y: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
+    """Return the metrics read off the weighted confusion matrix: accuracy, F1s, myeloblast recall."""
     k = len(CLASSES)
     pred = p.argmax(axis=1)
     cells = np.zeros((len(y), k * k))
@@ -252,22 +391,22 @@ def _weighted_metrics(w: np.ndarray, y: np.ndarray, p: np.ndarray) -> dict[str, 
     f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
     present = denom > 0
     key = CLASSES.index(KEY_CLASS)
-
-    auc = np.stack([_weighted_auc(w, y == c, p[:, c]) for c in range(k)], axis=1)
-    auc_defined = np.isfinite(auc)
-    n_auc = auc_defined.sum(axis=1)
-    auc_sum = np.where(auc_defined, auc, 0.0).sum(axis=1)
-
     with np.errstate(invalid="ignore", divide="ignore"):
         return {
             "accuracy": tp.sum(axis=1) / total,
             "macro_f1": (f1 * present).sum(axis=1) / present.sum(axis=1),
             "weighted_f1": (f1 * support).sum(axis=1) / support.sum(axis=1),
-            "roc_auc_macro": np.where(n_auc > 0, auc_sum / np.maximum(n_auc, 1), np.nan),
-            "log_loss": _weighted_log_loss(w, y, p),
-            "ece": _weighted_ece(w, y, p, ECE_BINS),
             "myeloblast_recall": np.where(support[:, key] > 0, tp[:, key] / np.maximum(support[:, key], 1), np.nan),
         }
+
+
+def _weighted_auc_macro(w: np.ndarray, y: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
+    """Return the macro one-vs-rest ROC-AUC over the classes where it is defined, per row of w."""
+    auc = np.stack([_weighted_auc(w, y == c, p[:, c]) for c in range(len(CLASSES))], axis=1)
+    defined = np.isfinite(auc)
+    n_auc = defined.sum(axis=1)
+    auc_sum = np.where(defined, auc, 0.0).sum(axis=1)
+    return {"roc_auc_macro": np.where(n_auc > 0, auc_sum / np.maximum(n_auc, 1), np.nan)}
 
 
 def _weighted_log_loss(w: np.ndarray, y: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -320,3 +459,15 @@ def _binary_aucs(y: np.ndarray, p: np.ndarray) -> list[float]:
         else:
             values.append(float(roc_auc_score(positive, p[:, c])))
     return values
+
+
+# Which weighted kernel computes each scalar metric (one kernel may return several).
+_WEIGHTED_KERNELS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]] = {
+    "accuracy": _weighted_confusion_metrics,
+    "macro_f1": _weighted_confusion_metrics,
+    "weighted_f1": _weighted_confusion_metrics,
+    "myeloblast_recall": _weighted_confusion_metrics,
+    "roc_auc_macro": _weighted_auc_macro,
+    "log_loss": lambda w, y, p: {"log_loss": _weighted_log_loss(w, y, p)},
+    "ece": lambda w, y, p: {"ece": _weighted_ece(w, y, p, ECE_BINS)},
+}

@@ -11,8 +11,10 @@ from bloodcell_lib.metrics import (
     bootstrap_ci,
     compute_metrics,
     expected_calibration_error,
+    holm_adjust,
     mcnemar_p,
     mcnemar_table,
+    paired_comparison,
 )
 
 
@@ -248,3 +250,166 @@ def test_mcnemar_on_a_known_table():
 def test_mcnemar_accepts_class_names():
     y = ["basophil", "monocyte", "monocyte"]
     assert mcnemar_table(y, ["basophil", "monocyte", "basophil"], y).tolist() == [[2, 0], [1, 0]]
+
+
+# --- paired comparison of two models --------------------------------------------------------------
+
+
+def _one_hot_ish(pred: np.ndarray) -> np.ndarray:
+    """Probabilities with 0.8 on the predicted class and 0.05 on each other class."""
+    p = np.full((len(pred), 5), 0.05)
+    p[np.arange(len(pred)), pred] = 0.8
+    return p
+
+
+def _copied_cells(rng, acc_a: float, acc_b: float, rho: float = 0.0, n_cells: int = 150, copy_flip: float = 0.05):
+    """A simulated test set: n_cells cells of 5 classes, each with 1–5 copies (uniform).
+
+    Each model is right on a cell when the cell's latent difficulty u is below its accuracy; with
+    probability rho both models see the same u (they find the same cells hard), else independent ones.
+    All copies of a cell share the cell's outcome, except that each copy flips it with probability
+    copy_flip ("nearly so"). Wrong predictions name a random other class.
+    Returns y, proba_a, proba_b, groups.
+    """
+    copies = rng.integers(1, 6, n_cells)
+    groups = np.repeat(np.arange(n_cells), copies)
+    y_cell = rng.integers(0, 5, n_cells)
+    y = y_cell[groups]
+    u_a = rng.random(n_cells)
+    u_b = np.where(rng.random(n_cells) < rho, u_a, rng.random(n_cells))
+
+    def predictions(right_cell: np.ndarray) -> np.ndarray:
+        wrong_cell = (y_cell + rng.integers(1, 5, n_cells)) % 5
+        pred = np.where(right_cell, y_cell, wrong_cell)[groups]
+        flip = rng.random(len(y)) < copy_flip
+        other = (y + rng.integers(1, 5, len(y))) % 5
+        return _one_hot_ish(np.where(flip, np.where(pred == y, other, y), pred))
+
+    return y, predictions(u_a < acc_a), predictions(u_b < acc_b), groups
+
+
+def _null_sets(n_sets: int = 200):
+    """200 simulated test sets with two equally good models (per-cell accuracy 0.85): half of them
+    with independent outcomes, half with outcomes shared on half the cells."""
+    rng = np.random.default_rng(2024)
+    return [_copied_cells(rng, 0.85, 0.85, rho=0.0 if i % 2 else 0.5) for i in range(n_sets)]
+
+
+def test_paired_delta_is_the_difference_of_the_two_models_metrics():
+    y, pa, pb, groups = _copied_cells(np.random.default_rng(1), 0.9, 0.8)
+    ma, mb = compute_metrics(y, pa, n_boot=0), compute_metrics(y, pb, n_boot=0)
+    for key in SCALAR_KEYS:
+        result = paired_comparison(y, pa, pb, groups, metric=key, n_boot=50, seed=0)
+        assert result["delta"] == pytest.approx(ma[key] - mb[key]), key
+        assert result["metric_a"] == pytest.approx(ma[key]) and result["metric_b"] == pytest.approx(mb[key])
+        assert result["ci"][0] <= result["ci"][1] and 0 < result["p_value"] <= 1, key
+    assert result["n"] == len(y) and result["n_groups"] == 150 and result["unit"] == "group"
+
+
+def test_paired_bootstrap_uses_the_draws_of_compute_metrics():
+    # Model b is wrong on every image, so each resample's delta is model a's accuracy in that resample:
+    # the paired interval must be compute_metrics' interval for a, draw for draw.
+    y, pa, _, groups = _copied_cells(np.random.default_rng(2), 0.85, 0.85)
+    always_wrong = _one_hot_ish((y + 1) % 5)
+    paired = paired_comparison(y, pa, always_wrong, groups, metric="accuracy", n_boot=300, seed=11)
+    marginal = compute_metrics(y, pa, groups=groups, n_boot=300, seed=11)
+    assert paired["ci"] == pytest.approx(marginal["accuracy_ci"], abs=1e-12)
+    assert paired["valid_resamples"] == 300
+
+
+def test_paired_interval_separates_models_whose_marginal_intervals_overlap():
+    # b equals a except that it is also wrong on 10 of 200 cells that a gets right: a small but
+    # consistent lead that the marginal intervals (each ±0.05 or so) cannot see.
+    rng = np.random.default_rng(3)
+    y, pa, _, groups = _copied_cells(rng, 0.85, 0.85, n_cells=200, copy_flip=0.0)
+    first = np.unique(groups, return_index=True)[1]  # one image per cell; copies share the outcome here
+    right_cells = groups[first][pa.argmax(axis=1)[first] == y[first]]
+    spoiled = np.isin(groups, rng.choice(right_cells, 10, replace=False))
+    pb = np.where(spoiled[:, None], _one_hot_ish((y + 1) % 5), pa)
+    ma = compute_metrics(y, pa, groups=groups, n_boot=500)
+    mb = compute_metrics(y, pb, groups=groups, n_boot=500)
+    assert ma["macro_f1_ci"][0] < mb["macro_f1_ci"][1]  # the marginal intervals overlap
+    result = paired_comparison(y, pa, pb, groups, n_boot=500)
+    assert result["delta"] > 0 and result["ci"][0] > 0 and result["p_value"] < 0.01
+
+
+def test_identical_models_and_swapped_models():
+    y, pa, pb, groups = _copied_cells(np.random.default_rng(4), 0.9, 0.8)
+    same = paired_comparison(y, pa, pa, groups, n_boot=100)
+    assert same["delta"] == 0 and same["ci"] == [0, 0] and same["p_value"] == 1
+    ab = paired_comparison(y, pa, pb, groups, n_boot=200, seed=5)
+    ba = paired_comparison(y, pb, pa, groups, n_boot=200, seed=5)
+    assert ba["delta"] == pytest.approx(-ab["delta"]) and ba["p_value"] == pytest.approx(ab["p_value"])
+    assert ba["ci"] == pytest.approx([-ab["ci"][1], -ab["ci"][0]])
+
+
+def test_paired_comparison_without_groups_treats_images_as_independent():
+    y, pa, pb, _ = _copied_cells(np.random.default_rng(5), 0.9, 0.8)
+    result = paired_comparison(y, pa, pb, None, n_boot=50)
+    assert result["unit"] == "image" and result["n_groups"] == len(y)
+
+
+def test_paired_comparison_counts_undefined_resamples():
+    # One myeloblast cell (3 copies): resamples that miss it have no myeloblast recall.
+    y = np.array([3, 3, 3] + [0, 1, 2, 4] * 10)
+    groups = np.array([0, 0, 0] + list(range(1, 41)))
+    pa, pb = _one_hot_ish(y), _one_hot_ish(np.where(np.arange(len(y)) % 2, y, 0))
+    result = paired_comparison(y, pa, pb, groups, metric="myeloblast_recall", n_boot=300, seed=2)
+    expected = compute_metrics(y, pa, groups=groups, n_boot=300, seed=2)["bootstrap"]["valid_resamples"]
+    assert 0 < result["valid_resamples"] == expected["myeloblast_recall"] < 300
+
+
+def test_paired_comparison_refuses_bad_inputs():
+    y, pa, pb, groups = _copied_cells(np.random.default_rng(6), 0.9, 0.8, n_cells=20)
+    with pytest.raises(ValueError, match="unknown metric"):
+        paired_comparison(y, pa, pb, groups, metric="auc")
+    with pytest.raises(ValueError, match="proba_b"):
+        paired_comparison(y, pa, pb[:-1], groups)
+    with pytest.raises(ValueError, match="groups"):
+        paired_comparison(y, pa, pb, groups[:-1])
+    with pytest.raises(ValueError, match="ci"):
+        paired_comparison(y, pa, pb, groups, ci=95)
+    with pytest.raises(ValueError, match="n_boot"):
+        paired_comparison(y, pa, pb, groups, n_boot=-1)
+
+
+def test_holm_adjust_by_hand():
+    # sorted 0.01, 0.03, 0.04, 0.2 → ×4, ×3, ×2, ×1 = 0.04, 0.09, 0.08, 0.2 → running max 0.04, 0.09, 0.09, 0.2
+    assert holm_adjust([0.04, 0.01, 0.2, 0.03]) == pytest.approx([0.09, 0.04, 0.2, 0.09])
+    assert holm_adjust([0.5, 0.6]) == [1.0, 1.0]  # capped
+    adjusted = holm_adjust([0.01, float("nan"), 0.02])
+    assert adjusted[0] == pytest.approx(0.02) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.02)
+    assert holm_adjust([]) == []
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        holm_adjust([0.5, 1.5])
+
+
+@pytest.mark.slow
+def test_paired_test_holds_its_level_on_copied_cells():
+    """Under the null (equally good models) it rejects at about 5%, for macro-F1 and accuracy; ~20 s."""
+    sets = _null_sets()
+    for metric in ("macro_f1", "accuracy"):
+        results = [paired_comparison(*s, metric=metric, n_boot=400, seed=i) for i, s in enumerate(sets)]
+        rejected = np.mean([r["p_value"] < 0.05 for r in results])
+        interval_excludes_0 = np.mean([not r["ci"][0] <= 0 <= r["ci"][1] for r in results])
+        print(f"{metric}: null rejection {rejected:.3f}, interval excludes 0 in {interval_excludes_0:.3f}")
+        assert rejected <= 0.08, metric
+        assert interval_excludes_0 <= 0.10, metric  # the conclusion reads the interval too
+
+
+def test_per_image_mcnemar_rejects_far_too_often_on_copied_cells():
+    """Why McNemar was replaced: on the same null sets it treats copies as independent evidence."""
+    rejected = np.mean([mcnemar_p(y, pa.argmax(axis=1), pb.argmax(axis=1)) < 0.05 for y, pa, pb, _ in _null_sets()])
+    print(f"per-image McNemar null rejection {rejected:.3f}")
+    assert rejected > 0.12
+
+
+def test_paired_test_finds_a_real_difference():
+    """Per-cell accuracies 0.92 vs 0.78 on 150 cells are found in at least 80% of test sets; ~8 s."""
+    rng = np.random.default_rng(77)
+    sets = [_copied_cells(rng, 0.92, 0.78, rho=0.5) for _ in range(100)]
+    for metric in ("macro_f1", "accuracy"):
+        power = np.mean([paired_comparison(*s, metric=metric, n_boot=400, seed=i)["p_value"] < 0.05
+                         for i, s in enumerate(sets)])
+        print(f"{metric}: power {power:.2f}")
+        assert power >= 0.8, metric
