@@ -1,9 +1,19 @@
-"""The cross-model comparison: one table from every `*_results.json` in a folder, McNemar tests, leakage delta."""
+"""The cross-model comparison: one table from every `*_results.json` in a folder, paired tests, leakage delta.
+
+Models are ranked and tested on one metric, macro-F1. Every CNN is compared with the best one and with the
+shortcut baseline by a paired cluster bootstrap over the test cells both runs saw, with a group sign-flip
+p-value (metrics.paired_comparison), and the p-values are Holm-adjusted over that family. Only runs
+evaluated on one split file (the SHA-256 most runs share) are compared. The conclusion reads the paired
+interval, never whether two marginal intervals overlap: two models can both have wide intervals and still
+differ consistently on the same cells. McNemar's per-image test is kept as a secondary output only; it
+treats copies of one cell as independent evidence and rejects far too often.
+"""
 
 from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,9 +22,23 @@ import numpy as np
 import pandas as pd
 
 from bloodcell_lib.atomic import write_text
+from bloodcell_lib.classes import CLASSES
+from bloodcell_lib.evaluation import PROB_COLUMNS, read_predictions
+from bloodcell_lib.metrics import holm_adjust, mcnemar_p, paired_comparison
+from bloodcell_lib.split import SPLIT_FILE, split_sha256
 
 BASELINE_RUN = "shortcut_baseline"
 INTERVAL_KEYS = ("accuracy", "macro_f1", "weighted_f1", "roc_auc_macro", "myeloblast_recall", "log_loss", "ece")
+# Ranking and testing use the same metric, so a "best" model is never backed by a test of something else.
+RANK_METRIC = "macro_f1"
+ALPHA = 0.05
+# Resamples and swaps per paired test: enough that Holm over ~10 comparisons is not limited by resolution
+# (the smallest p is 1/2001). The seed is the study's (its results files record it), else DEFAULT_SEED.
+PAIRED_N_BOOT = 2000
+DEFAULT_SEED = 0
+NO_GROUPS = "none (each image its own group)"
+PAIRED_COLUMNS = ["model_a", "model_b", "run_a", "run_b", "metric", "delta", "ci_low", "ci_high", "p_value",
+                  "p_holm", "n_images", "n_groups", "groups_from"]
 
 
 @dataclass
@@ -22,39 +46,42 @@ class Comparison:
     """The comparison table and what goes with it; every part is plain data a person can open."""
 
     table: pd.DataFrame
+    paired: pd.DataFrame
     mcnemar: pd.DataFrame
     leakage: pd.DataFrame
     missing: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
+    def ranked(self) -> pd.DataFrame:
+        """The ranked CNN rows (group split, the majority split file), best macro-F1 first."""
+        return self.table[self.table["rank"].notna()].sort_values("rank", kind="stable")
+
     def best_and_runner_up(self) -> tuple[pd.Series | None, pd.Series | None]:
         """The CNN rows with the highest and second-highest macro-F1 (None when absent)."""
-        t = self.table
-        cnns = t[(t["run"] != BASELINE_RUN) & (t["split_by"] != "image")].sort_values("macro_f1", ascending=False)
-        rows = [cnns.iloc[i] if len(cnns) > i else None for i in (0, 1)]
+        ranked = self.ranked()
+        rows = [ranked.iloc[i] if len(ranked) > i else None for i in (0, 1)]
         return rows[0], rows[1]
 
     def conclusion(self) -> str:
-        """A few sentences written from the numbers: the best model and whether its lead is real."""
+        """A few sentences written from the numbers: the best model and whether the paired test separates it."""
         best, second = self.best_and_runner_up()
         if best is None:
             return "No trained model was found, so there is nothing to conclude yet."
-        text = [f"Best by macro-F1: {best['model']} ({_fmt_ci(best, 'macro_f1')})."]
+        text = [f"Best by macro-F1: {best['model']} ({_fmt_ci(best, RANK_METRIC)})."]
         if second is not None:
-            overlap = _overlaps(best.get("macro_f1_ci"), second.get("macro_f1_ci"))
-            text.append(
-                f"Runner-up: {second['model']} ({_fmt_ci(second, 'macro_f1')}); the intervals "
-                + ("overlap, so this test set does not separate the two." if overlap
-                   else "do not overlap, so the lead is larger than the sampling noise of this test set.")
-            )
-            p = _lookup(self.mcnemar, best["run"], second["run"])
-            if p is not None and np.isfinite(p):
-                text.append(f"McNemar p = {p:.3g} for the same test images.")
+            text.append(self._paired_sentence(best["run"], second["run"]))
         baseline = self.table[self.table["run"] == BASELINE_RUN]
         if not baseline.empty:
             b = baseline.iloc[0]
             text.append(f"The colour-only shortcut baseline reaches accuracy {_fmt_ci(b, 'accuracy')}; "
                         "a CNN is only interesting by the margin it adds above that.")
+            if _paired_row(self.paired, best["run"], BASELINE_RUN) is not None:
+                text.append(self._paired_sentence(best["run"], BASELINE_RUN))
+        unranked = self.table[(self.table["run"] != BASELINE_RUN) & (self.table["split_by"] != "image")
+                              & self.table["rank"].isna()]
+        if not unranked.empty:
+            text.append("Not ranked (another split or no macro-F1; see the missing or partial list): "
+                        + ", ".join(unranked["model"]) + ".")
         if not self.leakage.empty:
             worst = self.leakage.sort_values("accuracy_delta", ascending=False).iloc[0]
             text.append(f"An image-level split inflates {worst['architecture']}'s accuracy by "
@@ -63,11 +90,28 @@ class Comparison:
             text.append("Not in this comparison: " + ", ".join(self.missing) + ".")
         return " ".join(text)
 
+    def _paired_sentence(self, run_a: str, run_b: str) -> str:
+        row = _paired_row(self.paired, run_a, run_b)
+        names = self.table.set_index("run")["model"]
+        if row is None:
+            return (f"No paired test of {names.get(run_a, run_a)} against {names.get(run_b, run_b)}: their "
+                    "predictions are missing, on another split, or share no test image.")
+        return paired_sentence(row, family_size=int(self.paired["p_value"].notna().sum()))
+
     def to_markdown(self) -> str:
-        """The table, the McNemar matrix, the leakage table and the conclusion as Markdown."""
+        """The table, the paired tests, McNemar (secondary), the leakage table and the conclusion as Markdown."""
         parts = ["## Models", markdown_table(display_table(self.table))]
+        if not self.paired.empty:
+            parts += ["## Paired differences in macro-F1 (same test cells; Holm-adjusted)",
+                      "Each row: model a minus model b on the test images both saw, 95% interval from a bootstrap "
+                      "that resamples whole duplicate groups for both models at once; p from swapping the two "
+                      "models' predictions within whole groups; Holm p adjusted over every row.",
+                      markdown_table(display_paired(self.paired))]
         if not self.mcnemar.empty:
-            parts += ["## McNemar p-values (same test images)", markdown_table(self.mcnemar.reset_index())]
+            parts += ["## McNemar p-values (per image; ignores copies — secondary)",
+                      "Treats copies of one cell as independent images, so these p-values are too small when the "
+                      "test set holds copies; the paired tests above are the ones to read.",
+                      markdown_table(self.mcnemar.reset_index())]
         if not self.leakage.empty:
             parts += ["## Leakage delta (image-level split minus group split)", markdown_table(self.leakage)]
         if self.missing or self.problems:
@@ -76,18 +120,25 @@ class Comparison:
         return "\n\n".join(parts) + "\n"
 
     def save(self, output_dir: str | Path) -> dict[str, Path]:
-        """Write comparison.csv (full table), comparison.md and mcnemar.csv; return the paths."""
+        """Write comparison.csv (full table), comparison.md, paired_tests.csv and mcnemar.csv; return the paths."""
         out = Path(output_dir)
-        paths = {"csv": out / "comparison.csv", "markdown": out / "comparison.md", "mcnemar": out / "mcnemar.csv"}
+        paths = {"csv": out / "comparison.csv", "markdown": out / "comparison.md",
+                 "paired": out / "paired_tests.csv", "mcnemar": out / "mcnemar.csv"}
         write_text(paths["csv"], self.table.to_csv(index=False))
         write_text(paths["markdown"], self.to_markdown())
+        write_text(paths["paired"], self.paired.to_csv(index=False))
         write_text(paths["mcnemar"], self.mcnemar.to_csv())
         return paths
 
 
-def compare_results(results_dir: str | Path, expected: list[str] | None = None) -> Comparison:
-    """Build the comparison from a folder; missing or broken files are listed, never fatal."""
-    from bloodcell_lib.registry import ARCHITECTURES
+def compare_results(results_dir: str | Path, expected: list[str] | None = None,
+                    n_boot: int = PAIRED_N_BOOT, seed: int | None = None) -> Comparison:
+    """Build the comparison from a folder; missing or broken files are listed, never fatal.
+
+    n_boot: resamples (and group swaps) per paired test; seed: one for every comparison, so reruns agree
+    (None → the study's bootstrap seed as its results files record it, else DEFAULT_SEED).
+    """
+    from bloodcell_lib.registry import ARCHITECTURES  # imports Keras; the CLI starts faster without it
 
     results_dir = Path(results_dir)
     expected = list(ARCHITECTURES) if expected is None else expected
@@ -105,15 +156,24 @@ def compare_results(results_dir: str | Path, expected: list[str] | None = None) 
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     present = {r["architecture"] for r in runs.values()}
     missing = [f"{key} (no results file)" for key in expected if key not in present]
-    group_runs = {name: r for name, r in runs.items() if r.get("split", {}).get("split_by", "group") != "image"}
-    mcnemar, mc_problems = mcnemar_matrix(results_dir, group_runs)
-    return Comparison(table=table, mcnemar=mcnemar, leakage=leakage_table(runs), missing=missing,
-                      problems=problems + mc_problems)
+
+    group_runs = {name: r for name, r in runs.items() if _split_by(r) != "image"}
+    excluded, split_problems = split_mismatches(group_runs, results_dir)
+    family_runs = {name: r for name, r in group_runs.items() if name not in excluded}
+    table["rank"] = rank_column(table, excluded)
+    preds, read_problems = read_run_predictions(results_dir, family_runs)
+    paired, paired_problems = paired_tests(table, preds, n_boot=n_boot,
+                                           seed=_study_seed(family_runs) if seed is None else seed)
+    mcnemar, mc_problems = mcnemar_matrix(preds)
+    found = problems + split_problems + read_problems + paired_problems + mc_problems
+    return Comparison(table=table, paired=paired, mcnemar=mcnemar, leakage=leakage_table(runs), missing=missing,
+                      problems=list(dict.fromkeys(found)))
 
 
 TABLE_COLUMNS = [
-    "model", "run", "architecture", "split_by", "weights", "image_size", "n_test",
+    "model", "run", "architecture", "split_by", "split_sha256", "rank", "weights", "image_size", "n_test",
     *[c for k in INTERVAL_KEYS for c in (k, f"{k}_ci")],
+    "leakage_audit", "leakage_audit_n_test",
     "gradcam_focus", "gradcam_deletion_auc", "gradcam_sanity_spearman",
     "params_total", "params_trainable", "flops_per_image", "keras_file_mb", "training_seconds", "epochs",
     "latency_ms", "throughput_batch32", "device",
@@ -121,20 +181,25 @@ TABLE_COLUMNS = [
 
 
 def table_row(results: dict[str, Any]) -> dict[str, Any]:
-    """One table row from a results dict (a model's or the baseline's)."""
+    """One table row from a results dict (a model's or the baseline's); `rank` is filled in later."""
     m = results["metrics"]
     cost = results.get("cost") or {}
     cam = (results.get("explainability") or {}).get("gradcam") or {}
-    split_by = (results.get("split") or {}).get("split_by", "group")
+    audit = results.get("leakage_audit") or {}
+    split_by = _split_by(results)
     name = results.get("display_name", results["architecture"])
     row: dict[str, Any] = {
         "model": f"{name} (image-level split, leaks)" if split_by == "image" else name,
         "run": results.get("run", results["architecture"]),
         "architecture": results["architecture"],
         "split_by": split_by,
+        "split_sha256": (results.get("split") or {}).get("sha256"),
+        "rank": None,
         "weights": results.get("weights"),
         "image_size": results.get("image_size"),
         "n_test": m.get("n"),
+        "leakage_audit": audit.get("test_images_with_match_in_train"),
+        "leakage_audit_n_test": audit.get("n_test"),
         "gradcam_focus": cam.get("focus_mean"),
         "gradcam_deletion_auc": cam.get("deletion_auc_mean"),
         "gradcam_sanity_spearman": cam.get("sanity_spearman_mean"),
@@ -154,48 +219,161 @@ def table_row(results: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def mcnemar_matrix(results_dir: Path, runs: dict[str, dict]) -> tuple[pd.DataFrame, list[str]]:
-    """Pairwise McNemar p-values over the test images two runs share."""
-    from bloodcell_lib.evaluation import read_predictions
+def split_mismatches(runs: dict[str, dict], results_dir: Path) -> tuple[set[str], list[str]]:
+    """The group-split runs (CNNs and baseline) evaluated on a split other than the majority's, and why.
 
+    The majority is the split SHA-256 most runs record; a tie goes to the folder's split.csv. A run that
+    records no SHA-256 cannot be checked: it stays in, and the problems list says so.
+    """
+    shas = {name: (r.get("split") or {}).get("sha256") for name, r in runs.items()}
+    counts = Counter(s for s in shas.values() if s)
+    if not counts:
+        note = ["No results file records its split's SHA-256, so the runs are compared on the test images they "
+                "share without checking that they used one split."] if len(runs) > 1 else []
+        return set(), note
+    folder_split = results_dir / SPLIT_FILE
+    folder_sha = split_sha256(folder_split) if folder_split.is_file() else None
+    majority = max(counts, key=lambda s: (counts[s], s == folder_sha, s))
+    excluded = {name for name, s in shas.items() if s and s != majority}
+    problems = [f"{name}: evaluated on split {shas[name][:12]} but the majority of runs used {majority[:12]}; "
+                "left out of paired tests" for name in sorted(excluded)]
+    problems += [f"{name}: its results record no split SHA-256, so it cannot be checked against the majority "
+                 f"split {majority[:12]}; compared on the test images it shares with the others"
+                 for name in sorted(n for n, s in shas.items() if not s)]
+    return excluded, problems
+
+
+def rank_column(table: pd.DataFrame, excluded: set[str]) -> pd.Series:
+    """Rank by macro-F1 (1 = best) of the CNNs on a group split that use the majority split; others NA."""
+    ranked = ((table["run"] != BASELINE_RUN) & (table["split_by"] != "image") & ~table["run"].isin(excluded))
+    score = pd.to_numeric(table[RANK_METRIC], errors="coerce").where(ranked)
+    return score.rank(ascending=False, method="min").astype("Int64")
+
+
+def read_run_predictions(results_dir: Path, runs: dict[str, dict]) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """Each run's predictions indexed by path, with `group` and `groups_from` columns; problems when unreadable.
+
+    Groups come from the predictions' own group column, else the split file the results record, else the
+    folder's split.csv (either only if its SHA-256 matches the recorded one); failing all, every image is its
+    own group and the problems list says so.
+    """
     preds, problems = {}, []
     for name, results in runs.items():
         path = results_dir / results.get("predictions_file", f"{name}_predictions.csv")
         try:
-            _, proba, frame = read_predictions(path)
-            preds[name] = frame.assign(pred=proba.argmax(axis=1)).set_index("path")
+            _, _, frame = read_predictions(path)
         except (OSError, ValueError, KeyError) as exc:
-            problems.append(f"{path.name}: predictions unreadable, left out of McNemar ({exc.__class__.__name__})")
+            problems.append(f"{path.name}: predictions unreadable, left out of the paired tests "
+                            f"({exc.__class__.__name__})")
+            continue
+        groups, source = _groups_of(frame, results, results_dir)
+        if groups is None:
+            problems.append(f"{name}: no duplicate groups found (no group column in {path.name} and no matching "
+                            "split file); each image is treated as its own group, so its paired intervals and "
+                            "p-values ignore copies of one cell")
+            groups, source = frame["path"], NO_GROUPS
+        preds[name] = frame.assign(pred=frame[PROB_COLUMNS].to_numpy().argmax(axis=1), group=groups.to_numpy(),
+                                   groups_from=source).set_index("path")
+    return preds, problems
+
+
+def _groups_of(frame: pd.DataFrame, results: dict, results_dir: Path) -> tuple[pd.Series | None, str]:
+    if "group" in frame.columns:
+        return frame["group"], "predictions file"
+    split = results.get("split") or {}
+    for candidate in (split.get("path"), results_dir / SPLIT_FILE):
+        if not candidate or not Path(candidate).is_file():
+            continue
+        if split.get("sha256") and split_sha256(candidate) != split["sha256"]:
+            continue  # another split than the one this run was evaluated on: its groups may differ
+        rows = pd.read_csv(candidate, dtype=str, keep_default_na=False)
+        if {"path", "group"} <= set(rows.columns) and frame["path"].astype(str).isin(rows["path"]).all():
+            lookup = rows.drop_duplicates("path").set_index("path")["group"]
+            return frame["path"].astype(str).map(lookup), f"split file {Path(candidate).name}"
+    return None, NO_GROUPS
+
+
+def paired_tests(table: pd.DataFrame, preds: dict[str, pd.DataFrame], n_boot: int,
+                 seed: int) -> tuple[pd.DataFrame, list[str]]:
+    """Every ranked CNN against the best one and against the baseline, paired on shared images, Holm-adjusted."""
+    ranked = [run for run in table.sort_values("rank", kind="stable").loc[table["rank"].notna(), "run"]
+              if run in preds]
+    pairs = [(ranked[0], other) for other in ranked[1:]] if ranked else []
+    if BASELINE_RUN in preds:
+        pairs += [(run, BASELINE_RUN) for run in ranked]
+    names = table.set_index("run")["model"]
+    rows, problems = [], []
+    for run_a, run_b in pairs:
+        a, b = preds[run_a], preds[run_b]
+        shared = a.index.intersection(b.index)
+        if len(shared) == 0:
+            problems.append(f"{run_a} and {run_b} share no test image; were they evaluated on the same split?")
+            continue
+        a, b = a.loc[shared], b.loc[shared]
+        if not (a["true_label"] == b["true_label"]).all():
+            problems.append(f"{run_a} and {run_b} disagree on the true labels of shared test images; not compared")
+            continue
+        # Copies of a cell are known when either run's file said so; the two agree when both did.
+        source = a if a["groups_from"].iloc[0] != NO_GROUPS else b
+        result = paired_comparison(a["true_label"].map(CLASSES.index).to_numpy(), a[PROB_COLUMNS].to_numpy(),
+                                   b[PROB_COLUMNS].to_numpy(), groups=source["group"].to_numpy(),
+                                   metric=RANK_METRIC, n_boot=n_boot, seed=seed)
+        rows.append({"model_a": names.get(run_a, run_a), "model_b": names.get(run_b, run_b), "run_a": run_a,
+                     "run_b": run_b, "metric": RANK_METRIC, "delta": result["delta"], "ci_low": result["ci"][0],
+                     "ci_high": result["ci"][1], "p_value": result["p_value"], "n_images": result["n"],
+                     "n_groups": result["n_groups"], "groups_from": source["groups_from"].iloc[0]})
+    paired = pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+    paired["p_holm"] = holm_adjust(paired["p_value"].tolist())
+    return paired, problems
+
+
+def paired_sentence(row: Any, family_size: int) -> str:
+    """One sentence from a paired-test row: who leads by how much, the interval, Holm p, and what it means."""
+    a, b = row["model_a"], row["model_b"]
+    delta, low, high = row["delta"], row["ci_low"], row["ci_high"]
+    if delta < 0:  # say it from the leader's side
+        a, b, delta, low, high = b, a, -delta, -high, -low
+    unit = "images (no duplicate groups known)" if row["groups_from"] == NO_GROUPS else "cells"
+    n = row["n_images"] if row["groups_from"] == NO_GROUPS else row["n_groups"]
+    lead = f"{a} and {b} tie" if delta == 0 else f"{a} leads {b} by {delta:.3f}"
+    text = (f"{lead} macro-F1 [{_fmt_num(low)}, {_fmt_num(high)}] (paired over {n} {unit}); "
+            f"Holm p = {_fmt_p(row['p_holm'])}")
+    if not (_is_num(low) and _is_num(high)):
+        return text + ": no interval could be computed, so this test set does not separate them."
+    if low > 0 or high < 0:
+        if _is_num(row["p_holm"]) and row["p_holm"] < ALPHA:
+            return text + ": the paired interval excludes 0, so this test set separates them."
+        return (text + f": the paired interval excludes 0, but after Holm correction over {family_size} "
+                       "comparisons p is not below 0.05, so treat the lead as suggestive.")
+    return text + ": the paired interval includes 0, so this test set does not separate them."
+
+
+def mcnemar_matrix(preds: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, list[str]]:
+    """Pairwise per-image McNemar p-values over the test images two runs share (secondary: ignores copies)."""
     names = sorted(preds)
     matrix = pd.DataFrame(np.nan, index=names, columns=names)
+    problems = []
     for a, b in itertools.combinations(names, 2):
         shared = preds[a].index.intersection(preds[b].index)
         if len(shared) == 0:
             problems.append(f"{a} and {b} share no test image; were they evaluated on the same split?")
             continue
-        p = _mcnemar_on(preds[a].loc[shared], preds[b].loc[shared])
-        matrix.loc[a, b] = matrix.loc[b, a] = p
+        y = preds[a].loc[shared, "true_label"].map(CLASSES.index).to_numpy()
+        matrix.loc[a, b] = matrix.loc[b, a] = mcnemar_p(y, preds[a].loc[shared, "pred"].to_numpy(),
+                                                       preds[b].loc[shared, "pred"].to_numpy())
     for n in names:
         matrix.loc[n, n] = 1.0
     return matrix, problems
-
-
-def _mcnemar_on(a: pd.DataFrame, b: pd.DataFrame) -> float:
-    from bloodcell_lib.classes import CLASSES
-    from bloodcell_lib.metrics import mcnemar_p
-
-    y = a["true_label"].map(CLASSES.index).to_numpy()
-    return float(mcnemar_p(y, a["pred"].to_numpy(), b["pred"].to_numpy()))
 
 
 def leakage_table(runs: dict[str, dict]) -> pd.DataFrame:
     """For each architecture run on both kinds of split: accuracy on image split minus on group split."""
     rows = []
     for name, r in runs.items():
-        if r.get("split", {}).get("split_by") != "image":
+        if _split_by(r) != "image":
             continue
         group = next((g for g in runs.values() if g["architecture"] == r["architecture"]
-                      and g.get("split", {}).get("split_by", "group") == "group"), None)
+                      and _split_by(g) == "group"), None)
         if group is None:
             continue
         a_img, a_grp = r["metrics"]["accuracy"], group["metrics"]["accuracy"]
@@ -206,15 +384,30 @@ def leakage_table(runs: dict[str, dict]) -> pd.DataFrame:
 
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
     """A compact, human-readable version of the table: values with their intervals as text."""
-    out = pd.DataFrame({"model": table["model"], "weights": table["weights"], "size": table["image_size"]})
-    for key in ("accuracy", "macro_f1", "roc_auc_macro", "myeloblast_recall", "ece"):
+    out = pd.DataFrame({"rank": table["rank"].map(lambda v: "—" if pd.isna(v) else str(int(v))),
+                        "model": table["model"], "weights": table["weights"], "size": table["image_size"]})
+    for key in ("macro_f1", "accuracy", "roc_auc_macro", "myeloblast_recall", "ece"):
         out[key] = [_fmt_ci(row, key) for _, row in table.iterrows()]
+    out["leakage audit"] = [_fmt_audit(k, n) for k, n in zip(table["leakage_audit"], table["leakage_audit_n_test"])]
     out["focus"] = table["gradcam_focus"].map(_fmt_num)
     out["sanity ρ"] = table["gradcam_sanity_spearman"].map(_fmt_num)
     out["params (M)"] = table["params_total"].map(lambda v: _fmt_num(v / 1e6 if _is_num(v) else None, 2))
     out["GFLOPs"] = table["flops_per_image"].map(lambda v: _fmt_num(v / 1e9 if _is_num(v) else None, 2))
     out["latency ms"] = table["latency_ms"].map(lambda v: _fmt_num(v, 1))
     return out
+
+
+def display_paired(paired: pd.DataFrame) -> pd.DataFrame:
+    """The paired tests as text: the difference with its interval, p and Holm p, images and cells."""
+    return pd.DataFrame({
+        "model a": paired["model_a"], "model b": paired["model_b"],
+        "Δ macro-F1 (a − b) [95% CI]": [f"{r.delta:+.3f} [{_fmt_num(r.ci_low)}, {_fmt_num(r.ci_high)}]"
+                                        for r in paired.itertuples()],
+        "p": paired["p_value"].map(_fmt_p), "Holm p": paired["p_holm"].map(_fmt_p),
+        "images": paired["n_images"],
+        "cells": [n if source != NO_GROUPS else "— (no groups)"
+                  for n, source in zip(paired["n_groups"], paired["groups_from"])],
+    })
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -224,6 +417,29 @@ def markdown_table(frame: pd.DataFrame) -> str:
     for _, row in frame.iterrows():
         lines.append("| " + " | ".join(_cell(v) for v in row.tolist()) + " |")
     return "\n".join(lines)
+
+
+def _split_by(results: dict) -> str:
+    return (results.get("split") or {}).get("split_by", "group")
+
+
+def _study_seed(runs: dict[str, dict]) -> int:
+    """The study's bootstrap seed as the runs' results record it (the most common; ties → smallest), else 0."""
+    recorded = [((r.get("metrics") or {}).get("bootstrap") or {}).get("seed") for r in runs.values()]
+    seeds = Counter(v for v in recorded if isinstance(v, int))
+    return max(seeds, key=lambda v: (seeds[v], -v)) if seeds else DEFAULT_SEED
+
+
+def _paired_row(paired: pd.DataFrame, run_a: str, run_b: str) -> pd.Series | None:
+    hit = paired[((paired["run_a"] == run_a) & (paired["run_b"] == run_b))
+                 | ((paired["run_a"] == run_b) & (paired["run_b"] == run_a))]
+    if hit.empty:
+        return None
+    row = hit.iloc[0].copy()
+    if row["run_a"] != run_a:  # same test from the other side
+        row["model_a"], row["model_b"] = row["model_b"], row["model_a"]
+        row["delta"], row["ci_low"], row["ci_high"] = -row["delta"], -row["ci_high"], -row["ci_low"]
+    return row
 
 
 def _cell(v: Any) -> str:
@@ -240,6 +456,16 @@ def _fmt_num(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if _is_num(v) else "—"
 
 
+def _fmt_p(v: Any) -> str:
+    return f"{v:.3g}" if _is_num(v) else "—"
+
+
+def _fmt_audit(count: Any, n_test: Any) -> str:
+    if not _is_num(count):
+        return "—"
+    return f"{int(count)} of {int(n_test)}" if _is_num(n_test) else str(int(count))
+
+
 def _fmt_ci(row: Any, key: str) -> str:
     value, ci = row.get(key), row.get(f"{key}_ci")
     if not _is_num(value):
@@ -247,16 +473,3 @@ def _fmt_ci(row: Any, key: str) -> str:
     if ci is not None and len(ci) == 2 and all(_is_num(c) for c in ci):
         return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
     return f"{value:.3f}"
-
-
-def _overlaps(a: Any, b: Any) -> bool:
-    if a is None or b is None or len(a) != 2 or len(b) != 2:
-        return True
-    return a[0] <= b[1] and b[0] <= a[1]
-
-
-def _lookup(matrix: pd.DataFrame, a: str, b: str) -> float | None:
-    try:
-        return float(matrix.loc[a, b])
-    except KeyError:
-        return None

@@ -262,10 +262,10 @@ def compare(output_dir: str | Path):
 
     output_dir = Path(output_dir_override(str(output_dir)))
     split_path = output_dir / SPLIT_FILE
-    if split_path.exists() and not (output_dir / "shortcut_baseline_results.json").exists():
-        from bloodcell_lib.baseline import run_shortcut_baseline
+    if split_path.exists():
+        from bloodcell_lib.baseline import ensure_shortcut_baseline
 
-        run_shortcut_baseline(split_path, output_dir=output_dir)
+        ensure_shortcut_baseline(split_path, output_dir)  # resampled like the models in the folder
     comparison = compare_results(output_dir)
     comparison.save(output_dir)
     return comparison
@@ -304,13 +304,13 @@ def show_cost_scatter(comparison, cost_column: str):
                         "accuracy", logx=cost_column == "flops_per_image")
 
 
-def show_mcnemar(comparison):
-    """Figure: the matrix of McNemar p-values between every pair of runs."""
-    from bloodcell_lib.figures import plot_matrix
+def show_paired_tests(comparison):
+    """The paired macro-F1 differences (every CNN against the best and the baseline), with Holm-adjusted p."""
+    from bloodcell_lib.compare import display_paired
 
-    if comparison.mcnemar.shape[0] < 2:
-        return "Fewer than two evaluated runs: nothing to test."
-    return plot_matrix(comparison.mcnemar.to_numpy(), list(comparison.mcnemar.index), "McNemar p-values")
+    if comparison.paired.empty:
+        return "Fewer than two evaluated runs on one split: nothing to test."
+    return display_paired(comparison.paired)
 
 
 def show_gradcam_side_by_side(output_dir: str | Path, per_class: int = 1):

@@ -6,16 +6,25 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import f1_score
 
 from bloodcell_lib.atomic import write_json
 from bloodcell_lib.classes import CLASSES
-from bloodcell_lib.compare import BASELINE_RUN, compare_results, markdown_table
+from bloodcell_lib.compare import BASELINE_RUN, NO_GROUPS, compare_results, markdown_table
 from bloodcell_lib.evaluation import PROB_COLUMNS
-from bloodcell_lib.metrics import compute_metrics, mcnemar_p
+from bloodcell_lib.metrics import compute_metrics, holm_adjust, mcnemar_p, paired_comparison
+from bloodcell_lib.split import split_sha256
+
+SPLIT_SHA = "a" * 64
+CELLS = np.arange(100) // 2  # the fixture's 100 test images are 50 cells with two copies each
 
 
-def _write_run(folder, run, arch, y_true, pred, split_by="group", paths=None):
-    """Write <run>_predictions.csv and <run>_results.json for one-hot-ish predictions."""
+def _write_run(folder, run, arch, y_true, pred, split_by="group", paths=None, groups=CELLS, sha=SPLIT_SHA,
+               seed=0, **extra):
+    """Write <run>_predictions.csv and <run>_results.json for one-hot-ish predictions.
+
+    groups=None writes a predictions file without a group column (as files from before groups were recorded).
+    """
     n = len(y_true)
     proba = np.full((n, len(CLASSES)), 0.05)
     proba[np.arange(n), pred] = 0.8
@@ -24,12 +33,20 @@ def _write_run(folder, run, arch, y_true, pred, split_by="group", paths=None):
                           "pred_label": [CLASSES[p] for p in pred]})
     for k, col in enumerate(PROB_COLUMNS):
         frame[col] = proba[:, k]
+    if groups is not None:
+        frame["group"] = [f"g{g}" for g in groups]
     frame.to_csv(folder / f"{run}_predictions.csv", index=False)
     results = {"architecture": arch, "display_name": arch.upper(), "run": run, "weights": None, "image_size": 32,
-               "split": {"split_by": split_by}, "predictions_file": f"{run}_predictions.csv",
-               "metrics": compute_metrics(y_true, proba, n_boot=50),
-               "cost": {"params_total": 1000, "flops_per_image": 2e6, "latency_ms_batch1_median": 1.5}}
+               "split": {"split_by": split_by, "sha256": sha}, "predictions_file": f"{run}_predictions.csv",
+               "metrics": compute_metrics(y_true, proba, groups=groups, n_boot=200, seed=seed),
+               "cost": {"params_total": 1000, "flops_per_image": 2e6, "latency_ms_batch1_median": 1.5}, **extra}
     write_json(folder / f"{run}_results.json", results)
+
+
+def _proba(pred):
+    p = np.full((len(pred), len(CLASSES)), 0.05)
+    p[np.arange(len(pred)), pred] = 0.8
+    return p
 
 
 @pytest.fixture()
@@ -41,7 +58,8 @@ def results_dir(tmp_path):
     _write_run(tmp_path, "vgg16", "vgg16", y, good)
     _write_run(tmp_path, "resnet50", "resnet50", y, poor)
     _write_run(tmp_path, BASELINE_RUN, BASELINE_RUN, y, np.full(100, 3))
-    _write_run(tmp_path, "vgg16_imagesplit", "vgg16", y, y, split_by="image")
+    _write_run(tmp_path, "vgg16_imagesplit", "vgg16", y, y, split_by="image", sha="c" * 64,
+               groups=np.arange(100))
     return tmp_path, y, good, poor
 
 
@@ -52,13 +70,156 @@ def test_table_has_every_run_and_the_baseline(results_dir):
     assert comparison.missing == ["xception (no results file)"]
     assert comparison.table.set_index("run").loc["vgg16", "accuracy_ci"][0] <= comparison.table.set_index(
         "run").loc["vgg16", "accuracy"]
+    assert comparison.problems == []
 
 
-def test_mcnemar_matrix_matches_the_direct_test(results_dir):
+def test_paired_table_compares_with_the_best_and_the_baseline_holm_adjusted(results_dir):
+    folder, y, good, poor = results_dir
+    comparison = compare_results(folder, expected=[])
+    paired = comparison.paired
+    assert list(zip(paired["run_a"], paired["run_b"])) == [
+        ("vgg16", "resnet50"), ("vgg16", BASELINE_RUN), ("resnet50", BASELINE_RUN)]
+    assert set(paired["metric"]) == {"macro_f1"}
+    first = paired.iloc[0]
+    assert first["delta"] == pytest.approx(f1_score(y, good, average="macro") - f1_score(y, poor, average="macro"))
+    assert first["n_images"] == 100 and first["n_groups"] == 50 and first["groups_from"] == "predictions file"
+    # the same test by hand: same groups, same seed (the study's, from the results files), same resamples
+    direct = paired_comparison(y, _proba(good), _proba(poor), CELLS, n_boot=2000, seed=0)
+    assert [first["ci_low"], first["ci_high"]] == pytest.approx(direct["ci"])
+    assert first["p_value"] == pytest.approx(direct["p_value"])
+    assert paired["p_holm"].tolist() == pytest.approx(holm_adjust(paired["p_value"].tolist()))
+    assert (paired["p_holm"] >= paired["p_value"]).all()
+    assert "vgg16_imagesplit" not in set(paired["run_a"]) | set(paired["run_b"])
+
+
+def test_paired_tests_use_the_study_seed_and_reruns_agree(tmp_path):
+    rng = np.random.default_rng(5)
+    y = np.repeat(np.arange(5), 20)
+    a = np.where(rng.random(100) < 0.8, y, (y + 1) % 5)
+    b = np.where(rng.random(100) < 0.7, y, (y + 1) % 5)
+    _write_run(tmp_path, "vgg16", "vgg16", y, a, seed=7)
+    _write_run(tmp_path, "resnet50", "resnet50", y, b, seed=7)
+    first = compare_results(tmp_path, expected=[], n_boot=300).paired
+    assert first.equals(compare_results(tmp_path, expected=[], n_boot=300).paired)
+    pred = {"vgg16": a, "resnet50": b}
+    row = first.iloc[0]
+    direct = paired_comparison(y, _proba(pred[row["run_a"]]), _proba(pred[row["run_b"]]), CELLS, n_boot=300, seed=7)
+    assert [row["ci_low"], row["ci_high"]] == pytest.approx(direct["ci"])
+    assert row["p_value"] == pytest.approx(direct["p_value"])
+
+
+def test_models_are_ranked_and_tested_by_macro_f1_not_accuracy(tmp_path):
+    # 80 basophils and 5 of each other class: "lazy" calls everything basophil (accuracy 0.80, macro-F1
+    # 0.18); "balanced" gets 70% of every class right (accuracy 0.70, macro-F1 about 0.6).
+    y = np.array([0] * 80 + [1] * 5 + [2] * 5 + [3] * 5 + [4] * 5)
+    lazy = np.zeros(100, dtype=int)
+    balanced = np.where(np.arange(100) % 10 < 7, y, (y + 1) % 5)
+    _write_run(tmp_path, "vgg16", "vgg16", y, lazy)
+    _write_run(tmp_path, "resnet50", "resnet50", y, balanced)
+    comparison = compare_results(tmp_path, expected=[])
+    ranks = comparison.table.set_index("run")["rank"]
+    assert ranks["resnet50"] == 1 and ranks["vgg16"] == 2
+    assert comparison.table.set_index("run").loc["vgg16", "accuracy"] > comparison.table.set_index(
+        "run").loc["resnet50", "accuracy"]
+    assert comparison.conclusion().startswith("Best by macro-F1: RESNET50 (")
+    row = comparison.paired.iloc[0]
+    assert (row["run_a"], row["run_b"], row["metric"]) == ("resnet50", "vgg16", "macro_f1")
+    assert row["delta"] > 0.3
+    assert comparison.to_markdown().index("| rank |") < comparison.to_markdown().index("macro_f1")
+
+
+def test_conclusion_reads_the_paired_interval_not_overlapping_marginal_intervals(tmp_path):
+    # 100 cells of two copies; b equals a except that it is also wrong on 8 cells a gets right.
+    rng = np.random.default_rng(1)
+    cells = np.arange(200) // 2
+    y = np.repeat(rng.integers(0, 5, 100), 2)
+    a = np.where(np.repeat(rng.random(100) < 0.85, 2), y, (y + 1) % 5)
+    right_cells = np.unique(cells[a == y])
+    spoiled = np.isin(cells, rng.choice(right_cells, 8, replace=False))
+    b = np.where(spoiled, (y + 2) % 5, a)
+    paths = [f"img_{i:03d}.jpg" for i in range(200)]
+    _write_run(tmp_path, "vgg16", "vgg16", y, a, paths=paths, groups=cells)
+    _write_run(tmp_path, "resnet50", "resnet50", y, b, paths=paths, groups=cells)
+    comparison = compare_results(tmp_path, expected=[])
+    t = comparison.table.set_index("run")
+    assert t.loc["vgg16", "macro_f1_ci"][0] < t.loc["resnet50", "macro_f1_ci"][1]  # marginal intervals overlap
+    row = comparison.paired.iloc[0]
+    assert row["ci_low"] > 0 and row["p_holm"] < 0.05
+    text = comparison.conclusion()
+    assert f"VGG16 leads RESNET50 by {row['delta']:.3f} macro-F1 [{row['ci_low']:.3f}, {row['ci_high']:.3f}]" in text
+    assert "(paired over 100 cells); Holm p = " in text
+    assert "so this test set separates them" in text and "overlap" not in text
+
+
+def test_conclusion_says_when_the_paired_interval_includes_zero(results_dir):
+    folder, y, good, _ = results_dir
+    rng = np.random.default_rng(9)
+    similar = np.where(rng.random(100) < 0.9, y, (y + 1) % 5)  # as good as vgg16, wrong elsewhere
+    _write_run(folder, "resnet50", "resnet50", y, similar)
+    comparison = compare_results(folder, expected=[])
+    row = comparison.paired.iloc[0]
+    assert row["ci_low"] < 0 < row["ci_high"]
+    text = comparison.conclusion()
+    assert "the paired interval includes 0, so this test set does not separate them" in text
+    assert "baseline" in text
+
+
+def test_runs_on_another_split_are_left_out_of_the_paired_tests(results_dir):
+    folder, y, good, _ = results_dir
+    _write_run(folder, "xception", "xception", y, y, sha="b" * 64)  # perfect, but on another split
+    comparison = compare_results(folder, expected=[])
+    assert (f"xception: evaluated on split {'b' * 12} but the majority of runs used {'a' * 12}; "
+            "left out of paired tests") in comparison.problems
+    assert "xception" not in set(comparison.paired["run_a"]) | set(comparison.paired["run_b"])
+    assert "xception" not in comparison.mcnemar.index
+    assert pd.isna(comparison.table.set_index("run").loc["xception", "rank"])
+    text = comparison.conclusion()
+    assert text.startswith("Best by macro-F1: VGG16") and "Not ranked" in text and "XCEPTION" in text
+
+
+def test_missing_groups_are_read_from_the_split_file_or_noted(tmp_path):
+    y = np.repeat(np.arange(5), 20)
+    rng = np.random.default_rng(2)
+    a = np.where(rng.random(100) < 0.9, y, (y + 1) % 5)
+    b = np.where(rng.random(100) < 0.6, y, (y + 1) % 5)
+    _write_run(tmp_path, "vgg16", "vgg16", y, a, groups=None)
+    _write_run(tmp_path, "resnet50", "resnet50", y, b, groups=None)
+    comparison = compare_results(tmp_path, expected=[])
+    row = comparison.paired.iloc[0]
+    assert row["groups_from"] == NO_GROUPS and row["n_groups"] == 100
+    assert any(p.startswith("vgg16: no duplicate groups found") for p in comparison.problems)
+    assert "paired over 100 images (no duplicate groups known)" in comparison.conclusion()
+
+    # With the study's split.csv in the folder (the split the results record), its groups are used.
+    paths = [f"{CLASSES[v]}/img_{i:03d}.jpg" for i, v in enumerate(y)]
+    split = pd.DataFrame({"path": paths, "label": [CLASSES[v] for v in y], "group": [f"g{c}" for c in CELLS],
+                          "subset": "test"})
+    split.to_csv(tmp_path / "split.csv", index=False)
+    sha = split_sha256(tmp_path / "split.csv")
+    _write_run(tmp_path, "vgg16", "vgg16", y, a, groups=None, sha=sha)
+    _write_run(tmp_path, "resnet50", "resnet50", y, b, groups=None, sha=sha)
+    comparison = compare_results(tmp_path, expected=[])
+    row = comparison.paired.iloc[0]
+    assert row["groups_from"] == "split file split.csv" and row["n_groups"] == 50
+    assert not any("no duplicate groups" in p for p in comparison.problems)
+
+
+def test_leakage_audit_column(results_dir):
+    folder, y, good, _ = results_dir
+    _write_run(folder, "vgg16", "vgg16", y, good,
+               leakage_audit={"test_images_with_match_in_train": 3, "n_test": 100})
+    shown = compare_results(folder, expected=[]).to_markdown()
+    header = next(line for line in shown.splitlines() if line.startswith("| rank |"))
+    assert "leakage audit" in header
+    assert "| 3 of 100 |" in shown and "| — |" in shown
+
+
+def test_mcnemar_is_kept_as_a_secondary_output(results_dir):
     folder, y, good, poor = results_dir
     comparison = compare_results(folder, expected=[])
     assert comparison.mcnemar.loc["vgg16", "resnet50"] == pytest.approx(mcnemar_p(y, good, poor))
     assert "vgg16_imagesplit" not in comparison.mcnemar.index  # other split → other test images
+    assert "McNemar" not in comparison.conclusion()
 
 
 def test_leakage_delta_is_image_split_minus_group_split(results_dir):
@@ -68,13 +229,14 @@ def test_leakage_delta_is_image_split_minus_group_split(results_dir):
     assert leakage.loc[0, "accuracy_delta"] == pytest.approx(1.0 - np.mean(good == y))
 
 
-def test_conclusion_names_best_model_and_interval_overlap(results_dir):
+def test_conclusion_names_best_model_and_the_paired_test(results_dir):
     folder, *_ = results_dir
     comparison = compare_results(folder, expected=[])
     text = comparison.conclusion()
     assert text.startswith("Best by macro-F1: VGG16 (")
-    assert "Runner-up: RESNET50" in text  # the image-split run is not a contender: its score leaks
-    assert "do not overlap" in text and "baseline" in text
+    assert "VGG16 leads RESNET50 by " in text  # the image-split run is not a contender: its score leaks
+    assert "separates them" in text and "VGG16 leads Colour" not in text and "baseline" in text
+    assert f"VGG16 leads {BASELINE_RUN.upper()} by " in text
 
 
 def test_broken_and_partial_files_are_reported_not_fatal(results_dir):
@@ -85,19 +247,25 @@ def test_broken_and_partial_files_are_reported_not_fatal(results_dir):
     assert any("xception_results.json" in p for p in comparison.problems)
     assert any("resnet50_predictions.csv" in p for p in comparison.problems)
     assert "resnet50" in set(comparison.table["run"])
+    assert "No paired test of VGG16 against RESNET50" in comparison.conclusion()
 
 
-def test_save_writes_csv_and_markdown(results_dir):
+def test_save_writes_csv_markdown_and_paired_tests(results_dir):
     folder, *_ = results_dir
     paths = compare_results(folder, expected=[]).save(folder)
     assert len(pd.read_csv(paths["csv"])) == 4
+    assert len(pd.read_csv(paths["paired"])) == 3 and paths["paired"].name == "paired_tests.csv"
     md = paths["markdown"].read_text()
-    assert "| model |" in md and "McNemar" in md and "Leakage" in md and "Conclusion" in md
+    assert "| model |" in md and "Leakage" in md and "Conclusion" in md
+    assert "## Paired differences in macro-F1" in md and "Holm p" in md
+    assert "## McNemar p-values (per image; ignores copies — secondary)" in md
+    assert md.index("Paired differences") < md.index("McNemar")
 
 
 def test_empty_folder_gives_an_empty_table(tmp_path):
     comparison = compare_results(tmp_path, expected=["vgg16"])
     assert comparison.table.empty and comparison.missing == ["vgg16 (no results file)"]
+    assert comparison.paired.empty
     assert "No trained model" in comparison.conclusion()
 
 
@@ -113,6 +281,14 @@ def test_comparison_notebook_steps_survive_an_empty_folder(tmp_path):
     comparison = study.compare(tmp_path)
     assert study.comparison_table(comparison).empty
     for shown in (study.show_metric_bars(comparison, "macro_f1"), study.show_cost_scatter(comparison, "latency_ms"),
-                  study.show_mcnemar(comparison), study.show_gradcam_side_by_side(tmp_path)):
+                  study.show_paired_tests(comparison), study.show_gradcam_side_by_side(tmp_path)):
         assert isinstance(shown, str)
     assert study.shortcut_and_leakage(comparison).empty
+
+
+def test_comparison_notebook_shows_the_paired_tests(results_dir):
+    from bloodcell_lib import study
+
+    folder, *_ = results_dir
+    shown = study.show_paired_tests(compare_results(folder, expected=[]))
+    assert list(shown["model a"]) == ["VGG16", "VGG16", "RESNET50"] and "Holm p" in shown.columns
