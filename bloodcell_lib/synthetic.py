@@ -4,6 +4,8 @@ Each image shows one centred white cell among pale red cells. Stains are drawn a
 (Beer-Lambert: light = background × exp(-optical density)), so overlaps and stain strength behave like
 dye on glass. Every original cell is written once plus K augmented copies, as in the real set, whose
 images are augmented copies of fewer cells; the file numbers do not say which files are copies of one cell.
+Copies are drawn from real-world augmentation ranges (COPY_RANGES: any rotation, flips, zoom, shift,
+exposure with clipping, defocus, JPEG re-encoding), shared with the near-duplicate test set in copyset.py.
 Slides (background colour, stain hue and strength, blur, noise, red-cell density) are shared across
 classes, so the background carries no class information unless `shortcut=True` tints it by class.
 """
@@ -31,7 +33,7 @@ MANIFEST_COLUMNS = ("file", "class", "cell_id", "slide", "copy",
 # The smallest set that still has every class and a copy of each cell; for other modules' tests.
 TINY_SET: dict[str, int] = {"per_class": 6, "size": 48, "duplicates": 1}
 
-JPEG_QUALITY = 90
+JPEG_QUALITY = 90  # of originals; each copy draws its own from COPY_RANGES
 _STAGING = ".synth_staging"
 _CELLS_PER_SLIDE = 6
 # With shortcut=True, each class comes from one of two "sources" (labs/scanners), like the real set.
@@ -41,13 +43,23 @@ _SOURCE_TINT = (  # RGB gains of the glass: warm source, cool source
     np.array([0.93, 0.98, 1.04], np.float32),
 )
 
-# Augmentation limits, kept small so copies stay near-duplicates under a dihedral perceptual hash.
-_MAX_FREE_ANGLE = 4.0  # degrees, on top of a multiple of 90° and an optional flip
-_MAX_ZOOM = 1.03  # slight crop
-_MAX_SHIFT = 0.015  # of the image side
-_MAX_CONTRAST = 0.10
-_MAX_BRIGHTNESS = 0.06  # of 255
-_MARGIN = 0.18  # canvas margin around the image, so rotated/shifted copies never see a border
+# How copies of one cell differ: the ranges of Keras ImageDataGenerator / Albumentations pipelines and
+# re-crops as they are used on real blood-cell sets. Deliberately wide: a near-duplicate detector is
+# scored on copies as they occur, never on ranges narrowed to suit it. Each is drawn uniformly.
+COPY_RANGES: dict[str, tuple[float, float]] = {
+    "angle": (0.0, 360.0),  # degrees, any rotation
+    "zoom": (0.85, 1.2),  # magnification; below 1 the copy shows more of the surroundings
+    "shift_x": (-0.08, 0.08),  # of the image side
+    "shift_y": (-0.08, 0.08),
+    "gain": (0.8, 1.25),  # value × gain + offset on 0-255, then clipped to 0-255
+    "offset": (-25.0, 25.0),
+    "blur_sigma": (0.0, 1.6),  # Gaussian defocus, pixels at the output size (synthetic sets: at 128 px)
+    "jpeg_quality": (70, 95),  # re-encoding quality of a copy, both ends included
+}
+COPY_FLIP_P = 0.5  # chance of a horizontal flip, and independently of a vertical one
+# Canvas margin around the image, as a fraction of its side: the farthest corner of a copy (half the
+# diagonal plus the largest shift, divided by the smallest zoom) must still fall on drawn canvas.
+_MARGIN = (0.5 + COPY_RANGES["shift_x"][1]) * math.sqrt(2) / COPY_RANGES["zoom"][0] - 0.5 + 0.02
 _CELL_JITTER = 0.045  # of the image side: where the white cell sits in an original
 _LAMP_TILT = 0.015  # brightness change across the field, uneven illumination
 
@@ -109,14 +121,16 @@ def make_synthetic_dataset(
             rng = np.random.default_rng([seed, 4, ci, i])
             slide = slides[slide_ids[i]]
             canvas, ellipse = _render_canvas(cls, rng, slide, size, shortcut)
+            photo = _expose(canvas, rng, slide)
             for copy in range(1 + duplicates):
                 if copy == 0:
-                    image, ell = _crop_original(canvas, ellipse, size)
+                    image, ell = _crop_original(photo, ellipse, size)
+                    quality = JPEG_QUALITY
                 else:
-                    image, ell = _augment(canvas, ellipse, size, rng)
-                image = _finish(image, rng, slide)
+                    image, ell, drawn = _augment(photo, ellipse, size, rng)
+                    quality = drawn.jpeg_quality
                 name = f"{FILE_PREFIXES[cls]}_{numbers[i * (1 + duplicates) + copy]}.jpg"
-                _write_jpeg(staging / cls / name, image)
+                _write_jpeg(staging / cls / name, _to_uint8(image), quality)
                 rows.append({
                     "file": f"{cls}/{name}", "class": cls, "cell_id": f"{cls}-{i:0{id_width}d}",
                     "slide": slide.index, "copy": copy, "mask_cx": ell[0], "mask_cy": ell[1],
@@ -171,24 +185,25 @@ def _check_parameters(per_class: int, size: int, duplicates: int, seed: int) -> 
         raise ConfigError(f"duplicates must be 0 or more augmented copies per cell, got {duplicates}.")
 
 
-def _check_target(out: Path) -> None:
-    """Refuse any folder that holds something other than a previous synthetic set."""
+def _check_target(out: Path, manifest: str = MANIFEST_NAME, staging: str = _STAGING,
+                  what: str = "synthetic set") -> None:
+    """Refuse any folder that holds something other than a previous generated set of this kind."""
     if out.exists() and not out.is_dir():
-        raise DatasetError(f"{out} is a file, not a folder; choose an empty or new folder for the synthetic set.")
-    if not out.exists() or (out / MANIFEST_NAME).is_file() or (out / _STAGING).is_dir():
+        raise DatasetError(f"{out} is a file, not a folder; choose an empty or new folder for the {what}.")
+    if not out.exists() or (out / manifest).is_file() or (out / staging).is_dir():
         return
     contents = [p for p in out.iterdir() if p.name.casefold() not in HIDDEN_FILES]
     if contents:
         raise DatasetError(
-            f"{out} is not empty and holds no {MANIFEST_NAME}, so it may be your own data; the synthetic "
-            f"set is written only into an empty or new folder (or over a previous synthetic set). "
+            f"{out} is not empty and holds no {manifest}, so it may be your own data; the {what} "
+            f"is written only into an empty or new folder (or over a previous {what}). "
             f"Choose an empty folder."
         )
 
 
-def _replace_previous_set(out: Path, staging: Path) -> None:
+def _replace_previous_set(out: Path, staging: Path, manifest: str = MANIFEST_NAME) -> None:
     """Swap the staged class folders in; until the new manifest lands, the staging folder marks `out` as ours."""
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    (out / manifest).unlink(missing_ok=True)
     for cls in CLASSES:
         target = out / cls
         if target.is_symlink() or target.is_file():
@@ -212,7 +227,7 @@ class _Slide:
     azure: float  # strength of the blue/purple stain
     blur: float  # focus, in pixels at 128 px
     noise: float  # sensor noise, grey levels
-    rbc_count: tuple[int, int]
+    rbc_density: tuple[float, float]  # red cells per image area (size²), lowest and highest
 
 
 def _make_slides(seed: int, n: int) -> list[_Slide]:
@@ -224,12 +239,12 @@ def _make_slides(seed: int, n: int) -> list[_Slide]:
         hue = rng.uniform(-1, 1)  # bluer (-) or redder (+) chromatin, one of the main slide-to-slide changes
         toward = _OD_NUCLEUS_RED if hue > 0 else _OD_NUCLEUS_BLUE
         nucleus = _OD_NUCLEUS + abs(hue) * (toward - _OD_NUCLEUS)
-        low = int(rng.integers(6, 12))
+        low = float(rng.uniform(3.2, 6.5))
         slides.append(_Slide(
             index=k, source=k % 2, background=background, nucleus_od=nucleus,
             eosin=float(rng.uniform(0.7, 1.3)), azure=float(rng.uniform(0.8, 1.2)),
             blur=float(rng.uniform(0.35, 1.0)), noise=float(rng.uniform(1.0, 3.5)),
-            rbc_count=(low, low + int(rng.integers(2, 7))),
+            rbc_density=(low, low + float(rng.uniform(1.0, 3.8))),
         ))
     return slides
 
@@ -255,40 +270,12 @@ def _render_canvas(cls: str, rng: np.random.Generator, slide: _Slide, size: int,
     centre = (side - 1) / 2.0
     edge = max(0.8, 1.3 * scale)  # anti-aliasing width in pixels
 
-    r = rng.uniform(*_CELL_RADIUS[cls]) * size
-    aspect = rng.uniform(0.80, 1.0)
-    rx, ry = r / math.sqrt(aspect), r * math.sqrt(aspect)  # same area, different shape
-    angle = rng.uniform(0, 180)
-    cx, cy = (float(v) for v in centre + rng.uniform(-_CELL_JITTER, _CELL_JITTER, 2) * size)
-    wobble = _wobble(rng, 0.06 if cls == "monocyte" else 0.035)
-    bound = float(np.max(wobble(np.linspace(-math.pi, math.pi, 721))))
-
-    # Draw the white cell in its bounding box only: a third of the canvas, most of the work.
-    reach = max(rx, ry) * bound + 2 * edge + 2
-    x0, x1 = max(int(cx - reach), 0), min(int(cx + reach) + 2, side)
-    y0, y1 = max(int(cy - reach), 0), min(int(cy + reach) + 2, side)
-    window = (slice(y0, y1), slice(x0, x1))
-    lx, ly = _local(xx[window], yy[window], cx, cy, angle)  # cell frame, pixels
-    rho, theta = np.hypot(lx / rx, ly / ry), np.arctan2(ly / ry, lx / rx)
-    cell = _soft((wobble(theta) - rho) * math.sqrt(rx * ry), edge)
-
-    nucleus, cyto_scale, granules = _DRAW_NUCLEUS[cls](rng, lx, ly, rx, ry, edge, scale, (cx - x0, cy - y0))
-    grain, contrast, density = _CHROMATIN[cls]
-    nuc_od = slide.nucleus_od * (slide.azure * density)
-    chroma = _texture(rng, lx.shape, grain * scale, contrast)
-    fine = _texture(rng, lx.shape, 0.6 * scale, 1.0)
-    cyto_od = _cytoplasm_od(cls, rng) * slide.azure
-    if cls == "seg_neutrophil":  # fine pink-lilac granules
-        cyto_scale = cyto_scale * np.clip(1.0 + 0.45 * fine, 0.2, None)
-    else:
-        cyto_scale = cyto_scale * np.clip(1.0 + 0.12 * fine, 0.5, None)
-    white = cell[..., None] * ((1 - nucleus)[..., None] * cyto_scale[..., None] * cyto_od
-                               + (nucleus * np.clip(chroma, 0.2, None))[..., None] * nuc_od)
-    if granules is not None:
-        white += (cell * granules)[..., None] * (_OD_GRANULE_BASO * slide.azure)
+    window, cell, white, ellipse = _draw_white_cell(
+        cls, rng, (side, side), (centre, centre), _CELL_JITTER, size, slide.nucleus_od, slide.azure)
+    cx, cy, rx, ry, _ = ellipse
     cover = np.zeros((side, side), np.float32)
     cover[window] = cell
-    od = (1 - 0.85 * cover)[..., None] * _red_cells(rng, xx, yy, (cx, cy), r * bound, size, slide, edge)
+    od = (1 - 0.85 * cover)[..., None] * _red_cells(rng, xx, yy, (cx, cy), math.sqrt(rx * ry), size, slide, edge)
     od[window] += white
 
     background = slide.background * (_SOURCE_TINT[slide.source] if shortcut else 1.0)
@@ -298,7 +285,51 @@ def _render_canvas(cls: str, rng: np.random.Generator, slide: _Slide, size: int,
     sigma = slide.blur * scale
     if sigma > 0.2:
         canvas = cv2.GaussianBlur(canvas, (0, 0), sigma)
-    return canvas, (cx, cy, rx * bound, ry * bound, angle)
+    return canvas, ellipse
+
+
+def _draw_white_cell(cls: str, rng: np.random.Generator, shape: tuple[int, int], centre: tuple[float, float],
+                     jitter: float, size: int, nucleus_od: np.ndarray, azure: float):
+    """Draw one white cell within `jitter` × size of `centre` (x, y) on a canvas of `shape` (h, w).
+
+    size is the side of the image the cell is drawn for (radii are fractions of it). Returns (window,
+    coverage, optical density, ellipse (cx, cy, rx, ry, angle°) in canvas pixels); the coverage (0-1) and
+    RGB optical density cover only the canvas[window] the cell reaches.
+    """
+    scale = size / 128.0
+    edge = max(0.8, 1.3 * scale)  # anti-aliasing width in pixels
+    r = rng.uniform(*_CELL_RADIUS[cls]) * size
+    aspect = rng.uniform(0.80, 1.0)
+    rx, ry = r / math.sqrt(aspect), r * math.sqrt(aspect)  # same area, different shape
+    angle = rng.uniform(0, 180)
+    cx, cy = (float(v) for v in np.asarray(centre) + rng.uniform(-jitter, jitter, 2) * size)
+    wobble = _wobble(rng, 0.06 if cls == "monocyte" else 0.035)
+    bound = float(np.max(wobble(np.linspace(-math.pi, math.pi, 721))))
+
+    # Draw the white cell in its bounding box only: a third of the canvas, most of the work.
+    reach = max(rx, ry) * bound + 2 * edge + 2
+    x0, x1 = max(int(cx - reach), 0), min(int(cx + reach) + 2, shape[1])
+    y0, y1 = max(int(cy - reach), 0), min(int(cy + reach) + 2, shape[0])
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    lx, ly = _local(xx, yy, cx, cy, angle)  # cell frame, pixels
+    rho, theta = np.hypot(lx / rx, ly / ry), np.arctan2(ly / ry, lx / rx)
+    cell = _soft((wobble(theta) - rho) * math.sqrt(rx * ry), edge)
+
+    nucleus, cyto_scale, granules = _DRAW_NUCLEUS[cls](rng, lx, ly, rx, ry, edge, scale, (cx - x0, cy - y0))
+    grain, contrast, density = _CHROMATIN[cls]
+    nuc_od = nucleus_od * (azure * density)
+    chroma = _texture(rng, lx.shape, grain * scale, contrast)
+    fine = _texture(rng, lx.shape, 0.6 * scale, 1.0)
+    cyto_od = _cytoplasm_od(cls, rng) * azure
+    if cls == "seg_neutrophil":  # fine pink-lilac granules
+        cyto_scale = cyto_scale * np.clip(1.0 + 0.45 * fine, 0.2, None)
+    else:
+        cyto_scale = cyto_scale * np.clip(1.0 + 0.12 * fine, 0.5, None)
+    white = cell[..., None] * ((1 - nucleus)[..., None] * cyto_scale[..., None] * cyto_od
+                               + (nucleus * np.clip(chroma, 0.2, None))[..., None] * nuc_od)
+    if granules is not None:
+        white += (cell * granules)[..., None] * (_OD_GRANULE_BASO * azure)
+    return (slice(y0, y1), slice(x0, x1)), cell, white, (cx, cy, rx * bound, ry * bound, angle)
 
 
 def _local(xx, yy, cx, cy, angle_deg):
@@ -473,7 +504,8 @@ def _red_cells(rng, xx, yy, wbc_centre, wbc_radius, size, slide: _Slide, edge) -
     side = xx.shape[0]
     od = np.zeros((side, side), np.float32)
     placed: list[tuple[float, float, float]] = []
-    for _ in range(int(rng.integers(slide.rbc_count[0], slide.rbc_count[1] + 1))):
+    # The canvas is larger than the image: scale the count so the image sees the slide's density.
+    for _ in range(int(rng.uniform(*slide.rbc_density) * (side / size) ** 2)):
         rr = rng.uniform(0.11, 0.145) * size
         for _try in range(12):
             x, y = (float(v) for v in rng.uniform(0, side, 2))
@@ -503,47 +535,88 @@ def _red_cells(rng, xx, yy, wbc_centre, wbc_radius, size, slide: _Slide, edge) -
 # From canvas to file
 
 
+def _expose(canvas: np.ndarray, rng: np.random.Generator, slide: _Slide) -> np.ndarray:
+    """Add sensor noise once per photograph: copies of a cell are augmentations of that one photograph."""
+    return canvas + slide.noise * rng.standard_normal(canvas.shape, dtype=np.float32)
+
+
 def _crop_original(canvas: np.ndarray, ellipse, size: int):
     m = (canvas.shape[0] - size) // 2
     cx, cy, rx, ry, angle = ellipse
     return canvas[m:m + size, m:m + size], (cx - m, cy - m, rx, ry, float(angle) % 180)
 
 
+@dataclass(frozen=True)
+class _Copy:
+    """One copy's transform, drawn from COPY_RANGES; shift is a fraction of the side."""
+    angle: float
+    flip_h: bool
+    flip_v: bool
+    zoom: float
+    shift_x: float
+    shift_y: float
+    gain: float
+    offset: float
+    blur_sigma: float
+    jpeg_quality: int
+
+
+def _draw_copy(rng: np.random.Generator) -> _Copy:
+    """Draw every parameter of a copy independently and uniformly from COPY_RANGES."""
+    def uniform(name: str) -> float:
+        return float(rng.uniform(*COPY_RANGES[name]))
+
+    angle = uniform("angle")
+    flip_h, flip_v = (bool(f) for f in rng.random(2) < COPY_FLIP_P)
+    zoom, shift_x, shift_y = uniform("zoom"), uniform("shift_x"), uniform("shift_y")
+    gain, offset, blur = uniform("gain"), uniform("offset"), uniform("blur_sigma")
+    low, high = COPY_RANGES["jpeg_quality"]
+    quality = int(rng.integers(int(low), int(high) + 1))
+    return _Copy(angle, flip_h, flip_v, zoom, shift_x, shift_y, gain, offset, blur, quality)
+
+
+def _copy_linear(copy: _Copy) -> np.ndarray:
+    """The 2×2 map of a copy on pixel offsets from the image centre: flips, then rotation, then zoom."""
+    a = math.radians(copy.angle)
+    flips = np.diag([-1.0 if copy.flip_h else 1.0, -1.0 if copy.flip_v else 1.0])
+    return copy.zoom * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) @ flips
+
+
+def _relight(image: np.ndarray, copy: _Copy) -> np.ndarray:
+    """Brightness gain and offset on 0-255 values, clipped as an 8-bit pipeline would."""
+    return np.clip(image * np.float32(copy.gain) + np.float32(copy.offset), 0, 255)
+
+
 def _augment(canvas: np.ndarray, ellipse, size: int, rng: np.random.Generator):
-    """Rotate by a multiple of 90° (maybe flipped) plus a small angle, zoom and shift slightly, re-light."""
-    turn = int(rng.integers(0, 4)) * 90 + rng.uniform(-_MAX_FREE_ANGLE, _MAX_FREE_ANGLE)
-    flip = bool(rng.integers(0, 2))
-    zoom = rng.uniform(1.0, _MAX_ZOOM)
-    shift = rng.uniform(-_MAX_SHIFT, _MAX_SHIFT, 2) * size
-    a = math.radians(turn)
-    linear = zoom * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-    if flip:
-        linear = linear @ np.array([[-1.0, 0.0], [0.0, 1.0]])
+    """Draw a copy (COPY_RANGES) and apply it about the canvas centre; return (image, ellipse, copy).
+
+    Defocus is scaled from 128 px to `size`, as every length in this module.
+    """
+    copy = _draw_copy(rng)
+    linear = _copy_linear(copy)
     src_c = (canvas.shape[0] - 1) / 2.0
     dst_c = (size - 1) / 2.0
-    offset = dst_c + shift - linear @ np.array([src_c, src_c])
+    offset = dst_c + np.array([copy.shift_x, copy.shift_y]) * size - linear @ np.array([src_c, src_c])
     matrix = np.hstack([linear, offset[:, None]])
     image = cv2.warpAffine(canvas, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    sigma = copy.blur_sigma * size / 128.0
+    if sigma > 0.05:
+        image = cv2.GaussianBlur(image, (0, 0), sigma)
+    image = _relight(image, copy)
 
     cx, cy, rx, ry, angle = ellipse
     centre = linear @ np.array([cx, cy]) + offset
     axis = linear @ np.array([math.cos(math.radians(angle)), math.sin(math.radians(angle))])
     new_angle = math.degrees(math.atan2(axis[1], axis[0])) % 180
-
-    contrast = 1 + rng.uniform(-_MAX_CONTRAST, _MAX_CONTRAST)
-    brightness = rng.uniform(-_MAX_BRIGHTNESS, _MAX_BRIGHTNESS) * 255
-    mean = float(image.mean())
-    image = (image - mean) * contrast + mean + brightness
-    return image, (float(centre[0]), float(centre[1]), rx * zoom, ry * zoom, new_angle)
+    return image, (float(centre[0]), float(centre[1]), rx * copy.zoom, ry * copy.zoom, new_angle), copy
 
 
-def _finish(image: np.ndarray, rng: np.random.Generator, slide: _Slide) -> np.ndarray:
-    noisy = image + slide.noise * rng.standard_normal(image.shape, dtype=np.float32)
-    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def _write_jpeg(path: Path, rgb: np.ndarray) -> None:
-    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+def _write_jpeg(path: Path, rgb: np.ndarray, quality: int = JPEG_QUALITY) -> None:
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
         raise DatasetError(f"{path}: OpenCV could not encode the image as JPEG.")
     path.write_bytes(data.tobytes())

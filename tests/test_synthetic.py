@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -13,8 +14,9 @@ import pytest
 from bloodcell_lib.classes import CLASSES, FILE_PREFIXES
 from bloodcell_lib.errors import ConfigError, DatasetError
 from bloodcell_lib.images import read_rgb
+from bloodcell_lib import synthetic
 from bloodcell_lib.synthetic import (
-    MANIFEST_COLUMNS, MANIFEST_NAME, TINY_SET, _augment, load_manifest, make_synthetic_dataset, manifest_mask,
+    _MARGIN, MANIFEST_COLUMNS, MANIFEST_NAME, TINY_SET, _augment, load_manifest, make_synthetic_dataset, manifest_mask,
 )
 
 PER_CLASS, SIZE, DUPLICATES = 5, 64, 2
@@ -188,7 +190,7 @@ def test_mask_holds_the_stained_cell_in_originals_and_copies(small_set):
         mask = manifest_mask(row, SIZE, SIZE)
         inside.append(mask[darkest].mean())
         shifted.append(manifest_mask({**row, "mask_cx": row["mask_cx"] + SIZE / 3}, SIZE, SIZE)[darkest].mean())
-        assert 0.05 < mask.mean() < 0.5, row["file"]
+        assert 0.05 < mask.mean() < 0.65, row["file"]  # a large monocyte zoomed ×1.2 fills up to ~60 %
         assert (765 - brightness)[mask].mean() > 1.2 * (765 - brightness)[~mask].mean(), row["file"]
     inside, shifted = np.array(inside), np.array(shifted)
     assert (inside == 1.0).mean() > 0.97, frame.loc[inside < 1.0, "file"].tolist()
@@ -199,14 +201,29 @@ def test_mask_holds_the_stained_cell_in_originals_and_copies(small_set):
 @pytest.mark.parametrize("seed", range(6))
 def test_copy_geometry_maps_the_cell_ellipse_exactly(seed):
     # A known, elongated ellipse on a canvas must land where _augment says it went (turns, flips, zoom, shift).
-    size, side = 64, 88
+    size = 64
+    side = size + 2 * math.ceil(_MARGIN * size)  # as _render_canvas draws it: no copy sees past its edge
     names = ("mask_cx", "mask_cy", "mask_rx", "mask_ry", "mask_angle")
-    ellipse = (46.0, 40.0, 18.0, 8.0, 30.0)
+    ellipse = (side / 2 + 2.0, side / 2 - 4.0, 18.0, 8.0, 30.0)
     canvas = np.full((side, side, 3), 230, np.float32)
     canvas[manifest_mask(dict(zip(names, ellipse)), side, side)] = 40
-    image, moved = _augment(canvas, ellipse, size, np.random.default_rng(seed))
+    image, moved, _ = _augment(canvas, ellipse, size, np.random.default_rng(seed))
     grey = image.mean(axis=2)
     dark = grey < (grey.min() + grey.max()) / 2
     mask = manifest_mask(dict(zip(names, moved)), size, size)
     iou = (dark & mask).sum() / (dark | mask).sum()
     assert iou > 0.93, (moved, iou)
+
+
+@pytest.mark.parametrize("angle", [45.0, 135.0, 225.0, 315.0])
+def test_the_widest_copy_never_sees_past_the_canvas_edge(monkeypatch, angle):
+    # Smallest zoom, largest shift towards a corner, turned 45°: the farthest any copy reaches.
+    size = 64
+    side = size + 2 * math.ceil(_MARGIN * size)
+    canvas = np.full((side, side, 3), 200, np.float32)
+    canvas[[0, -1], :] = canvas[:, [0, -1]] = 0  # the edge; reflected borders would show it too
+    widest = synthetic._Copy(angle=angle, flip_h=False, flip_v=False, zoom=0.85, shift_x=0.08, shift_y=-0.08,
+                             gain=1.0, offset=0.0, blur_sigma=0.0, jpeg_quality=90)
+    monkeypatch.setattr(synthetic, "_draw_copy", lambda rng: widest)
+    image, _, _ = _augment(canvas, (side / 2, side / 2, 5.0, 5.0, 0.0), size, np.random.default_rng(0))
+    assert image.min() > 199
