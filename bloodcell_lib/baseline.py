@@ -11,7 +11,10 @@ Any CNN result is only interesting by the margin it adds above this row.
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import logging
 import platform
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +24,7 @@ import pandas as pd
 
 from bloodcell_lib.atomic import write_json, write_text
 from bloodcell_lib.classes import CLASSES
+from bloodcell_lib.config import DEFAULT_BOOTSTRAP, DEFAULT_SEED, profile_config
 from bloodcell_lib.errors import SplitError
 from bloodcell_lib.images import read_rgb
 
@@ -37,13 +41,15 @@ FEATURES = (
 )
 MODEL = "StandardScaler + LogisticRegression (multinomial, L2, C=1, lbfgs)"
 
+logger = logging.getLogger(__name__)
+
 
 def run_shortcut_baseline(
     split: pd.DataFrame | str | Path,
     output_dir: str | Path,
     data_dir: str | Path | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = DEFAULT_SEED,
 ) -> dict[str, Any]:
     """Train on the split's train subset, test on its test subset, write results and predictions like a model.
 
@@ -95,6 +101,60 @@ def run_shortcut_baseline(
     }
     write_json(output_dir / f"{RUN_NAME}_results.json", results)
     return results
+
+
+def ensure_shortcut_baseline(split_path: str | Path, output_dir: str | Path) -> dict[str, Any]:
+    """Return the baseline's results in output_dir, (re)running it unless they exist for this split and resampling.
+
+    The resampling is the one the models in output_dir were evaluated with (baseline_resampling), so every
+    row of the comparison has intervals from the same bootstrap.
+    """
+    from bloodcell_lib.split import split_sha256
+
+    n_boot, seed = baseline_resampling(output_dir)
+    existing = Path(output_dir) / f"{RUN_NAME}_results.json"
+    if existing.exists():
+        try:
+            results = json.loads(existing.read_text(encoding="utf-8"))
+            boot = results["metrics"]["bootstrap"]
+            if (boot["n_boot"], boot["seed"]) == (n_boot, seed) and results["split"]["sha256"] == split_sha256(
+                    split_path):
+                return results
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable or from an older version: run it again
+    return run_shortcut_baseline(split_path, output_dir, n_boot=n_boot, seed=seed)
+
+
+def baseline_resampling(output_dir: str | Path, profile: str | None = None, n_boot: int | None = None,
+                        seed: int | None = None) -> tuple[int, int]:
+    """Return (n_boot, seed) for a baseline written to output_dir.
+
+    Given values win; then, without an explicit profile, the bootstrap the models already in output_dir
+    were evaluated with (the most common, when they differ); then the profile's (BLOODCELL_PROFILE, else paper).
+    """
+    found = models_resampling(output_dir) if profile is None else None
+    if found is None:
+        cfg = profile_config(profile)
+        found = (cfg.bootstrap, cfg.seed)
+    return (found[0] if n_boot is None else n_boot, found[1] if seed is None else seed)
+
+
+def models_resampling(output_dir: str | Path) -> tuple[int, int] | None:
+    """Return the (n_boot, seed) of the models' results in a folder (the most common), or None when there are none."""
+    seen: Counter = Counter()
+    for path in sorted(Path(output_dir).glob("*_results.json")):
+        if path.name == f"{RUN_NAME}_results.json":
+            continue
+        try:
+            boot = json.loads(path.read_text(encoding="utf-8"))["metrics"]["bootstrap"]
+            seen[(int(boot["n_boot"]), int(boot["seed"]))] += 1
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a partial or foreign file; the comparison reports it
+    if len(seen) > 1:
+        logger.warning("WARNING: the models in %s were evaluated with different bootstraps (n_boot, seed: %s); "
+                       "re-evaluate them with one configuration.", output_dir,
+                       ", ".join(f"{k} ×{n}" for k, n in seen.most_common()))
+    return seen.most_common(1)[0][0] if seen else None
 
 
 def colour_features(images: np.ndarray) -> np.ndarray:

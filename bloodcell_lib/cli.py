@@ -65,20 +65,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from bloodcell_lib.evaluation import evaluate_saved_model
+    from bloodcell_lib.evaluation import evaluate_saved_model, evaluation_config
 
+    # Unset options come from the configuration the model was trained with, so the numbers equal the notebook's.
+    cfg = evaluation_config(args.model, profile=args.profile, seed=args.seed, bootstrap=args.bootstrap,
+                            gradcam_images=args.gradcam_images)
     results = evaluate_saved_model(
-        args.model, args.split, output_dir=args.output, subset=args.subset, data_dir=args.data_dir,
-        gradcam_images=args.gradcam_images,
+        args.model, args.split, output_dir=args.output, subset=args.subset, data_dir=args.data_dir, cfg=cfg,
+        allow_other_split=args.allow_other_split,
     )
     print(json.dumps({k: results["metrics"][k] for k in ("accuracy", "macro_f1", "myeloblast_recall")}, indent=2))
     return 0
 
 
 def _cmd_baseline(args: argparse.Namespace) -> int:
-    from bloodcell_lib.baseline import run_shortcut_baseline
+    from bloodcell_lib.baseline import baseline_resampling, run_shortcut_baseline
 
-    results = run_shortcut_baseline(args.split, output_dir=args.output, data_dir=args.data_dir)
+    n_boot, seed = baseline_resampling(args.output, profile=args.profile, n_boot=args.bootstrap, seed=args.seed)
+    results = run_shortcut_baseline(args.split, output_dir=args.output, data_dir=args.data_dir, n_boot=n_boot,
+                                    seed=seed)
     print(f"Colour-only baseline accuracy: {results['metrics']['accuracy']:.3f}")
     return 0
 
@@ -182,12 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="folder for results (default: the model's folder)")
     p.add_argument("--subset", default="test", choices=("train", "val", "test"))
     p.add_argument("--data-dir", help="dataset root (default: the one recorded with the split)")
-    p.add_argument("--gradcam-images", type=int, default=50)
+    p.add_argument("--allow-other-split", action="store_true",
+                   help="evaluate on a split the model was not trained on (results are labelled so)")
+    p.add_argument("--profile", help="take unset options from this profile instead of the model's training run")
+    p.add_argument("--seed", type=int, help="bootstrap and Grad-CAM seed (default: the training run's)")
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples (default: the training run's profile's)")
+    p.add_argument("--gradcam-images", type=int, help="images explained (default: the training run's profile's)")
 
     p = add("baseline", "Train and evaluate the colour-only shortcut baseline on a split.", _cmd_baseline)
     p.add_argument("--split", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--data-dir")
+    p.add_argument("--profile", help="take the bootstrap from this profile instead of the models in --output")
+    p.add_argument("--seed", type=int, help="bootstrap seed (default: the models' in --output, else the profile's)")
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples (default: as for --seed)")
 
     p = add("compare", "Build the cross-model comparison table from a results folder.", _cmd_compare)
     p.add_argument("results_dir")

@@ -12,6 +12,10 @@ from bloodcell_lib.errors import ConfigError
 
 PROFILE_ENV = "BLOODCELL_PROFILE"
 OUTPUT_ENV = "BLOODCELL_OUTPUT"  # where notebooks write, overriding their parameter (nbval uses a temp folder)
+# The defaults every step falls back to, so a function called without a RunConfig (the baseline, a library
+# user's evaluate) resamples like a run that has one: one seed and one bootstrap size for the whole study.
+DEFAULT_SEED = 42
+DEFAULT_BOOTSTRAP = 1000
 
 
 def output_dir_override(output_dir: str) -> str:
@@ -33,7 +37,7 @@ class RunConfig:
     image_size: int | str = "native"  # "native" or a side length in pixels
     batch_size: int = 32
     weights: str | None = "imagenet"  # "imagenet", None, or a path to a weights file
-    seed: int = 42
+    seed: int = DEFAULT_SEED
     dropout: float = 0.3
     hidden_units: int = 0  # 0 → no hidden dense block in the head
     head_lr: float = 1e-3
@@ -52,7 +56,7 @@ class RunConfig:
     synth_duplicates: int = 2
     synth_shortcut: bool = False
     gradcam_images: int = 50
-    bootstrap: int = 1000
+    bootstrap: int = DEFAULT_BOOTSTRAP  # group-bootstrap resamples behind every interval
     cost_repeats: int = 20  # timed calls for the latency median
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -83,6 +87,18 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Return the configuration as a JSON-ready dict."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> "RunConfig":
+        """Rebuild a configuration recorded with to_dict() (names this version does not know are dropped);
+        overrides that are not None win."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"Bad run parameter: {exc}.") from exc
 
     def replace(self, **changes: Any) -> "RunConfig":
         """Return a copy with some fields changed (unknown names are an error)."""

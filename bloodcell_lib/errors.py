@@ -35,3 +35,8 @@ class WeightsError(BloodcellError):
 
 class ModelError(BloodcellError):
     """A model file cannot be loaded or does not match what the library expects."""
+
+
+class ProvenanceError(BloodcellError):
+    """Artefacts that must belong together do not: a model and a split it was not trained on, or a split and a
+    dataset folder that no longer holds the images it names."""

@@ -7,6 +7,7 @@ predictions written to `<run>_predictions.csv`, so anyone can recompute them fro
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import platform
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,12 @@ import pandas as pd
 
 from bloodcell_lib.atomic import write_json, write_text
 from bloodcell_lib.classes import CLASSES
+from bloodcell_lib.config import DEFAULT_BOOTSTRAP, DEFAULT_SEED, RunConfig, profile_config
+from bloodcell_lib.errors import ProvenanceError
 
 PROB_COLUMNS = [f"prob_{name}" for name in CLASSES]
+
+logger = logging.getLogger(__name__)
 
 
 def run_name(arch: str, split: pd.DataFrame) -> str:
@@ -73,17 +78,83 @@ def library_versions() -> dict[str, str]:
 
 
 def split_info(split: pd.DataFrame) -> dict[str, Any]:
-    """The split's file, its SHA-256, how it was made and its subset sizes."""
-    from bloodcell_lib.split import split_sha256
+    """The split's file, its SHA-256, the fingerprint of its images, how it was made and its subset sizes."""
+    from bloodcell_lib.split import dataset_fingerprint, split_sha256
 
     path = split.attrs.get("split_path")
     return {
         "path": str(path) if path else None,
         "sha256": split_sha256(path) if path and Path(path).exists() else None,
+        "dataset_sha256": dataset_fingerprint(split),
         "split_by": split.attrs.get("split_by", "group"),
         "sizes": {s: int((split["subset"] == s).sum()) for s in ("train", "val", "test")},
         "data_root": split.attrs.get("data_root"),
     }
+
+
+def check_training_split(split_block: dict[str, Any], history: dict | None, allow_other_split: bool = False,
+                         model: str = "The model") -> dict[str, Any]:
+    """Compare a split (split_info) with the one the model's training history records; refuse a mismatch.
+
+    Returns the fields added to results["split"]: matches_training_split (True; False when allowed; None when
+    the model recorded no split, e.g. trained before provenance was recorded, which is a warning only) and
+    the training run's split path and hashes. A mismatch raises ProvenanceError unless allow_other_split.
+    """
+    meta = (history or {}).get("meta") or {} if isinstance(history, dict) else {}
+    trained = {"training_split_path": meta.get("split_path"), "training_split_sha256": meta.get("split_sha256"),
+               "training_dataset_sha256": meta.get("dataset_sha256")}
+    pairs = [(trained["training_split_sha256"], split_block.get("sha256")),
+             (trained["training_dataset_sha256"], split_block.get("dataset_sha256"))]
+    known = [(a, b) for a, b in pairs if a and b]
+    where = split_block.get("path") or "this split"
+    if not known:
+        logger.warning("WARNING: %s records no training split (trained before that was recorded?), so nothing "
+                       "shows that %s is the split it was trained on; check it yourself.", model, where)
+        return {"matches_training_split": None, **trained}
+    if all(a == b for a, b in known):
+        return {"matches_training_split": True, **trained}
+    trained_path = trained["training_split_path"] or "path not recorded"
+    if trained["training_split_sha256"] and split_block.get("sha256") and (
+            trained["training_split_sha256"] != split_block["sha256"]):
+        what = (f"{model} was trained on split {trained_path} (sha256 {trained['training_split_sha256']}), "
+                f"not on {where} (sha256 {split_block['sha256']}).")
+    else:
+        what = (f"{model} was trained on the images of split {trained_path} as they were then (dataset sha256 "
+                f"{trained['training_dataset_sha256']}); the images {where} names differ now (dataset sha256 "
+                f"{split_block['dataset_sha256']}).")
+    if not allow_other_split:
+        raise ProvenanceError(
+            f"{what} Rerun with the split the model was trained on ({trained_path}), or pass --allow-other-split "
+            "(allow_other_split=True) to evaluate anyway; results will be labelled."
+        )
+    logger.warning("WARNING: %s Evaluating anyway (--allow-other-split): test images may have been training "
+                   "images, and the results say matches_training_split: false.", what)
+    return {"matches_training_split": False, **trained}
+
+
+def evaluation_config(model_path: str | Path | None = None, profile: str | None = None,
+                      **overrides: Any) -> RunConfig:
+    """The run configuration to evaluate a saved model with, so its intervals equal the notebook's.
+
+    That is the configuration recorded in the model's training history (the notebook's or the CLI's
+    `train`); with an explicit profile, or none recorded, the profile's (BLOODCELL_PROFILE, else paper).
+    Overrides that are not None (seed=, bootstrap=, gradcam_images=, ...) win over both.
+    """
+    from bloodcell_lib.training import load_history
+
+    recorded = None
+    if model_path is not None and profile is None:
+        path = history_path(model_path)
+        recorded = (load_history(path).get("meta") or {}).get("config") if path.exists() else None
+    if recorded:
+        return RunConfig.from_dict(recorded, **overrides)
+    return profile_config(profile, **overrides)
+
+
+def history_path(model_path: str | Path) -> Path:
+    """Return the training history JSON saved beside a model: <arch>.keras → <arch>_training_history.json."""
+    model_path = Path(model_path)
+    return model_path.parent / f"{model_path.stem}_training_history.json"
 
 
 def select_gradcam_examples(frame: pd.DataFrame, n: int, seed: int = 0) -> np.ndarray:
@@ -180,9 +251,14 @@ def save_figures(frame: pd.DataFrame, metrics: dict, output_dir: Path, name: str
 
 def evaluate(model, split: pd.DataFrame, subset: str = "test", output_dir: str | Path = "Saved Models", *,
              history: dict | None = None, config: dict | None = None, model_path: str | Path | None = None,
-             weights_used: str | None = None, gradcam_images: int = 50, n_boot: int = 1000, seed: int = 0,
-             make_figures: bool = True, cost_repeats: int = 20) -> dict[str, Any]:
-    """Evaluate a model on a split subset and write `<run>_predictions.csv` and `<run>_results.json`."""
+             weights_used: str | None = None, gradcam_images: int = 50, n_boot: int = DEFAULT_BOOTSTRAP,
+             seed: int = DEFAULT_SEED, make_figures: bool = True, cost_repeats: int = 20,
+             allow_other_split: bool = False) -> dict[str, Any]:
+    """Evaluate a model on a split subset and write `<run>_predictions.csv` and `<run>_results.json`.
+
+    A split other than the one in the model's training history is refused (ProvenanceError) unless
+    allow_other_split, and then labelled in results["split"]["matches_training_split"].
+    """
     from bloodcell_lib.cost import measure_cost
     from bloodcell_lib.metrics import compute_metrics
     from bloodcell_lib.model import model_image_size
@@ -191,6 +267,10 @@ def evaluate(model, split: pd.DataFrame, subset: str = "test", output_dir: str |
     output_dir = Path(output_dir)
     spec = get_arch(model.name)
     name = run_name(spec.key, split)
+    # Before the prediction pass: a model must not be scored on images it may have been trained on.
+    split_block = split_info(split)
+    split_block.update(check_training_split(split_block, history, allow_other_split,
+                                            model=f"{spec.display_name} ({model_path or 'in memory'})"))
     rows, proba = predict_subset(model, split, subset)
     frame = predictions_frame(rows, proba)
     predictions_path = output_dir / f"{name}_predictions.csv"
@@ -208,7 +288,7 @@ def evaluate(model, split: pd.DataFrame, subset: str = "test", output_dir: str |
         "image_size": model_image_size(model),
         "epochs": meta.get("epochs") or _epochs_from_history(history),
         "subset": subset,
-        "split": split_info(split),
+        "split": split_block,
         "metrics": metrics,
         "predictions_file": predictions_path.name,
         "output_dir": str(output_dir),
@@ -241,9 +321,13 @@ def _epochs_from_history(history: dict | None) -> dict[str, int] | None:
 
 
 def evaluate_saved_model(model_path: str | Path, split_path: str | Path, output_dir: str | Path | None = None,
-                         subset: str = "test", data_dir: str | Path | None = None, gradcam_images: int = 50,
-                         n_boot: int = 1000) -> dict[str, Any]:
-    """Load a `.keras` model and its training history (JSON), then evaluate it on a saved split."""
+                         subset: str = "test", data_dir: str | Path | None = None, cfg: RunConfig | None = None,
+                         allow_other_split: bool = False) -> dict[str, Any]:
+    """Load a `.keras` model and its training history (JSON), then evaluate it on a saved split.
+
+    cfg: bootstrap, seed, gradcam_images and cost_repeats come from it; None → evaluation_config(model_path),
+    the configuration the model was trained with, so the numbers equal the notebook's.
+    """
     from bloodcell_lib.model import load_trained_model
     from bloodcell_lib.split import load_split
     from bloodcell_lib.training import load_history
@@ -252,7 +336,8 @@ def evaluate_saved_model(model_path: str | Path, split_path: str | Path, output_
     model, spec = load_trained_model(model_path)
     split = load_split(split_path, data_root=data_dir)
     output_dir = Path(output_dir) if output_dir else model_path.parent
-    history_path = model_path.parent / f"{model_path.stem}_training_history.json"
-    history = load_history(history_path) if history_path.exists() else None
-    return evaluate(model, split, subset, output_dir, history=history, model_path=model_path,
-                    gradcam_images=gradcam_images, n_boot=n_boot)
+    history = load_history(history_path(model_path)) if history_path(model_path).exists() else None
+    cfg = (cfg or evaluation_config(model_path)).replace(arch=spec.key)
+    return evaluate(model, split, subset, output_dir, history=history, config=cfg.to_dict(), model_path=model_path,
+                    gradcam_images=cfg.gradcam_images, n_boot=cfg.bootstrap, seed=cfg.seed,
+                    cost_repeats=cfg.cost_repeats, allow_other_split=allow_other_split)

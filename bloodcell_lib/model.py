@@ -8,7 +8,6 @@ every other layer after the input belongs to the pretrained base.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import keras
 
 from bloodcell_lib.classes import CLASSES
+from bloodcell_lib.dedupe import sha256_file
 from bloodcell_lib.errors import ConfigError, ModelError, WeightsError
 from bloodcell_lib.registry import ArchSpec, get_arch
 
@@ -80,11 +80,7 @@ def describe_weights(weights: str | Path | None) -> str:
     if str(weights) == IMAGENET:
         return IMAGENET
     path = Path(weights)
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return f"file {path.resolve()} (sha256 {digest.hexdigest()})"
+    return f"file {path.resolve()} (sha256 {sha256_file(path)})"
 
 
 def imagenet_available(arch: str | None = None, timeout: float = 3.0) -> bool:

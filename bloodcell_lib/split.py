@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shlex
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -21,7 +23,9 @@ import pandas as pd
 
 from bloodcell_lib.atomic import write_json, write_text
 from bloodcell_lib.classes import CLASSES, canonical_class
-from bloodcell_lib.errors import SplitError
+from bloodcell_lib.dedupe import sha256_file
+from bloodcell_lib.errors import ImageDecodeError, ProvenanceError, SplitError
+from bloodcell_lib.images import read_rgb
 
 # The file name of a study's split inside its output folder; every model there is trained on it.
 SPLIT_FILE = "split.csv"
@@ -107,6 +111,7 @@ def save_split(df: pd.DataFrame, path: str | Path) -> Path:
             s: {c: int(counts.at[s, c]) if s in counts.index and c in counts.columns else 0 for c in CLASSES}
             for s in SUBSETS
         },
+        **_dataset_record(df),
     }
     write_json(sidecar_path(path), sidecar)
     df.attrs["split_path"] = str(path)
@@ -155,7 +160,104 @@ def load_split(path: str | Path, data_root: str | Path | None = None) -> pd.Data
 
 def split_sha256(path: str | Path) -> str:
     """Return the SHA-256 hex digest of a split file's bytes (recorded with every result)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return sha256_file(path)
+
+
+def dataset_fingerprint(split: pd.DataFrame) -> str:
+    """Return the SHA-256 of the images a split names, as they are now under its data root.
+
+    It hashes the sorted lines "relative path, size in bytes, SHA-256 of the bytes", so it changes when an
+    image is added to or removed from the split or its content changes, and not when the folder is moved or
+    its files are touched. Recorded with the split, every trained model and every result.
+    """
+    return _fingerprint(image_hashes(_data_root(split), split["path"]))
+
+
+def image_hashes(root: str | Path, paths: Any) -> dict[str, tuple[int, str]]:
+    """Return {relative path: (size in bytes, SHA-256)} of image files under root; missing files are an error."""
+    root = Path(root)
+    table: dict[str, tuple[int, str]] = {}
+    missing: list[str] = []
+    for rel in sorted(set(map(str, paths))):
+        file = root / rel
+        try:
+            table[rel] = (file.stat().st_size, sha256_file(file))
+        except OSError:
+            missing.append(rel)
+    if missing:
+        raise SplitError(
+            f"{len(missing)} image(s) named in the split are not in {root} (e.g. {', '.join(missing[:3])}); "
+            f"the split belongs to another dataset folder or files were removed. {_REMAKE.capitalize()}."
+        )
+    return table
+
+
+@dataclass
+class DatasetChanges:
+    """How a dataset folder differs from the images a split names (all paths relative to the data root)."""
+
+    root: Path
+    added: list[str] = field(default_factory=list)  # readable images in the folder that the split lacks
+    missing: list[str] = field(default_factory=list)  # files the split names that the folder lacks
+    changed: list[str] = field(default_factory=list)  # content differs from the hash recorded with the split
+    content_recorded: bool = False  # splits saved before hashes were recorded cannot tell changed content
+    fingerprint: str | None = None  # dataset_fingerprint of the split as it is now (None when files are missing)
+
+    @property
+    def unchanged(self) -> bool:
+        return not (self.added or self.missing or self.changed)
+
+    def describe(self) -> str:
+        """Return counts and a few examples of each difference, e.g. "2 images added (e.g. a, b)"."""
+        parts = []
+        for paths, what in ((self.added, "in the folder but not in the split (added since?)"),
+                            (self.missing, "named in the split but missing from the folder"),
+                            (self.changed, "changed content since the split was saved")):
+            if paths:
+                parts.append(f"{len(paths)} image(s) {what} (e.g. {', '.join(paths[:3])})")
+        return "; ".join(parts) if parts else "no difference"
+
+
+def dataset_changes(split: pd.DataFrame) -> DatasetChanges:
+    """Compare a split with its data root: images added to or missing from the folder, and changed content.
+
+    Content is compared with the hashes save_split recorded in the sidecar (not available for older splits).
+    """
+    root = _data_root(split)
+    named = set(split["path"].astype(str))
+    on_disk = _dataset_files(root)
+    changes = DatasetChanges(root=root, missing=sorted(named - on_disk))
+    # Unreadable files are left out of every split (check-data reports them), so they count as nothing new.
+    changes.added = [p for p in sorted(on_disk - named) if _readable(root / p)]
+    recorded = _read_sidecar(Path(split.attrs["split_path"])).get("image_sha256") if split.attrs.get(
+        "split_path") else None
+    changes.content_recorded = isinstance(recorded, dict)
+    present = image_hashes(root, sorted(named & on_disk))
+    if changes.content_recorded:
+        changes.changed = [p for p, (_, sha) in present.items() if recorded.get(p) not in (None, sha)]
+    if not changes.missing:
+        changes.fingerprint = _fingerprint(present)
+    return changes
+
+
+def check_split_matches_dataset(split: pd.DataFrame, advice: str | None = None) -> str:
+    """Refuse (ProvenanceError) a split whose data root does not hold exactly its images, unchanged.
+
+    Returns the dataset fingerprint and records it in split.attrs["dataset_sha256"]. advice: what the message
+    tells the user to do (default: make a split of the folder, or give the folder the split was made from).
+    """
+    changes = dataset_changes(split)
+    if not changes.unchanged:
+        where = split.attrs.get("split_path") or "the split"
+        advice = advice or (f"Make a split of the folder as it is now with `python -m bloodcell_lib split "
+                            f"{shlex.quote(str(changes.root))} --out NEW_SPLIT.csv`, or pass the --data-dir the "
+                            "split was made from.")
+        raise ProvenanceError(
+            f"The dataset folder {changes.root} does not hold the images of {where}: {changes.describe()}. "
+            f"Training would silently use another list of images than the folder's. {advice}"
+        )
+    split.attrs["dataset_sha256"] = changes.fingerprint
+    return str(changes.fingerprint)
 
 
 def split_summary(df: pd.DataFrame) -> str:
@@ -449,6 +551,51 @@ def _locate_root(root: Path, sample: str) -> Path:
     except BloodcellError:
         return root
     return found if (found / sample).exists() else root
+
+
+def _data_root(split: pd.DataFrame) -> Path:
+    root = split.attrs.get("data_root")
+    if not root:
+        raise SplitError("The split has no attrs['data_root'] saying where its images are; load it with "
+                         "load_split or set data_root.")
+    return Path(root).expanduser()
+
+
+def _fingerprint(table: dict[str, tuple[int, str]]) -> str:
+    lines = "".join(f"{path}\t{size}\t{sha}\n" for path, (size, sha) in sorted(table.items()))
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def _dataset_record(df: pd.DataFrame) -> dict[str, Any]:
+    """The sidecar's record of the split's images: their fingerprint and each file's SHA-256 (for diffs later)."""
+    root = df.attrs.get("data_root")
+    try:
+        table = image_hashes(_data_root(df), df["path"]) if root else None
+    except SplitError as exc:
+        logger.warning("The split's images are not recorded, so later changes to them cannot be detected: %s", exc)
+        table = None
+    if table is None:
+        return {"dataset_sha256": None, "image_sha256": None}
+    return {"dataset_sha256": _fingerprint(table), "image_sha256": {p: sha for p, (_, sha) in table.items()}}
+
+
+def _dataset_files(root: Path) -> set[str]:
+    """Every file check_dataset would read under root (class folders, hidden files skipped), relative posix paths."""
+    # dataset.py owns the rule of which files make up a dataset; reuse it rather than restate it here.
+    from bloodcell_lib.dataset import _class_folders, _files_below
+
+    notes: list = []
+    folders = _class_folders(root, notes, [])
+    return {f.relative_to(root).as_posix() for group in folders.values() for folder in group
+            for f in _files_below(folder, root, notes)}
+
+
+def _readable(file: Path) -> bool:
+    try:
+        read_rgb(file)
+    except ImageDecodeError:
+        return False
+    return True
 
 
 def _read_sidecar(path: Path) -> dict[str, Any]:

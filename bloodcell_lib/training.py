@@ -23,6 +23,7 @@ import glob
 import json
 import os
 import pickle
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ def train_from_config(
 ) -> TrainResult:
     """Make or load the split, build the model, fine-tune it in two phases, save model, history and split."""
     from bloodcell_lib.pipeline import class_weights, make_dataset
-    from bloodcell_lib.split import split_sha256
+    from bloodcell_lib.split import dataset_fingerprint, split_sha256
 
     spec = get_arch(cfg.arch)
     size = check_image_size(spec, cfg.image_size)
@@ -113,8 +114,11 @@ def train_from_config(
         "precision": precision,
         "strategy": f"{type(strategy).__name__.lstrip('_')} ({strategy.num_replicas_in_sync} replica(s))",
         "run_eagerly": cfg.run_eagerly,
+        # Provenance: evaluate() compares these with the split it is given (see README, Outputs).
         "split_path": str(split_path),
         "split_sha256": split_sha256(split_path),
+        "dataset_sha256": split.attrs.get("dataset_sha256") or dataset_fingerprint(split),
+        "config": cfg.to_dict(),  # the run configuration, so `evaluate` resamples exactly like the notebook
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
     }
@@ -303,11 +307,14 @@ def resolve_split(cfg: RunConfig, verbose: int = 1, report=None):
     report: a DatasetReport of cfg.data_dir already made (saves a second scan of the folder).
     """
     from bloodcell_lib.dataset import find_data_root
-    from bloodcell_lib.split import load_split, make_split, save_split
+    from bloodcell_lib.split import check_split_matches_dataset, dataset_fingerprint, load_split, make_split, save_split
 
     if cfg.split_path:
         path = Path(cfg.split_path)
-        return load_split(path, data_root=cfg.data_dir), path
+        split = load_split(path, data_root=cfg.data_dir)
+        # A split of another dataset, or of this one before it changed, would train on the wrong images.
+        check_split_matches_dataset(split)
+        return split, path
     if not cfg.data_dir:
         raise ConfigError("Training needs a dataset: give data_dir (--data-dir) or a split file (--split).")
     path = cfg.output_path / SPLIT_FILE
@@ -318,6 +325,11 @@ def resolve_split(cfg: RunConfig, verbose: int = 1, report=None):
                 "split_by": cfg.split_by}
         found = {k: split.attrs.get(k) for k in same}
         if found == same:
+            check_split_matches_dataset(split, advice=(
+                f"Make a new split with `python -m bloodcell_lib split {shlex.quote(str(root))} --out "
+                f"{shlex.quote(str(path))} --seed {cfg.seed} --val {cfg.val_fraction} --test {cfg.test_fraction} "
+                f"--split-by {cfg.split_by}` (or delete {path} "
+                f"to have one made), and retrain the models already in {cfg.output_path}: they used the old split."))
             if verbose:
                 print(f"Using the split already in the output folder: {path}")
             return split, path
@@ -330,7 +342,9 @@ def resolve_split(cfg: RunConfig, verbose: int = 1, report=None):
     save_split(split, path)
     if verbose:
         print(f"Split written to {path}")
-    return load_split(path), path
+    split = load_split(path)
+    split.attrs["dataset_sha256"] = dataset_fingerprint(split)
+    return split, path
 
 
 def _tpu_address(environ: Mapping[str, str], accel_devices: list[str]) -> str | None:

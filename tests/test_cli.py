@@ -29,3 +29,20 @@ def test_parser_knows_every_command():
 def test_a_library_error_becomes_exit_code_2(tmp_path, capsys):
     assert main(["check-data", str(tmp_path / "does not exist")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_train_refuses_a_split_of_another_dataset_with_exit_code_2(tmp_path, capsys):
+    from bloodcell_lib.split import make_split, save_split
+    from bloodcell_lib.synthetic import TINY_SET, make_synthetic_dataset
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    make_synthetic_dataset(ours, seed=0, **TINY_SET)
+    make_synthetic_dataset(theirs, seed=1, **{**TINY_SET, "per_class": 8})
+    split = save_split(make_split(theirs, progress=False), tmp_path / "their_split.csv")
+    code = main(["train", "--arch", "vgg16", "--data-dir", str(ours), "--split", str(split), "--weights", "none",
+                 "--image-size", "32", "--epochs", "1", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "named in the split but missing from the folder" in err and "changed content" in err
+    assert f"python -m bloodcell_lib split {ours.resolve()} --out" in err
+    assert not (tmp_path / "out" / "vgg16.keras").exists()

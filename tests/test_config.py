@@ -44,3 +44,11 @@ def test_output_environment_variable_overrides_the_notebook_folder(monkeypatch):
     assert output_dir_override("../Saved Models") == "../Saved Models"
     monkeypatch.setenv("BLOODCELL_OUTPUT", "/tmp/elsewhere")
     assert output_dir_override("../Saved Models") == "/tmp/elsewhere"
+
+
+def test_a_recorded_configuration_comes_back_with_overrides():
+    recorded = {**profile_config("smoke", seed=7).to_dict(), "from_a_newer_version": 1}
+    cfg = RunConfig.from_dict(recorded, bootstrap=None, gradcam_images=3)
+    assert (cfg.profile, cfg.seed, cfg.bootstrap, cfg.gradcam_images) == ("smoke", 7, 100, 3)
+    with pytest.raises(ConfigError):
+        RunConfig.from_dict(recorded, no_such_parameter=1)

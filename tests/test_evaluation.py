@@ -125,3 +125,154 @@ def test_the_test_subset_gets_exactly_one_prediction_pass(trained, tmp_path):
     evaluate(model, load_split(out / "split.csv"), "test", tmp_path, gradcam_images=0, n_boot=10,
              make_figures=False, cost_repeats=1)
     assert len(calls) == 1
+
+
+# --- One resampling for everyone; a model is evaluated on the split it was trained on -------------------------
+# A tiny registry network (one convolution) keeps these tests to seconds: what they check is the bookkeeping
+# around the model, which is the same for every architecture.
+
+
+def _tiny_base(include_top=False, weights=None, input_tensor=None, **_):
+    import keras
+
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="tiny_conv")(input_tensor)
+    return keras.Model(input_tensor, x)
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """A small synthetic set, split A (the study's) and split B of the same set, and a tiny network trained for
+    one epoch on A through train_from_config in the smoke profile, as a notebook would."""
+    import keras
+
+    from bloodcell_lib.config import profile_config
+    from bloodcell_lib.registry import ARCHITECTURES, ArchSpec
+    from bloodcell_lib.split import load_split, make_split, save_split
+    from bloodcell_lib.synthetic import TINY_SET, make_synthetic_dataset
+    from bloodcell_lib.training import train_from_config
+
+    spec = ArchSpec(key="tinynet", display_name="TinyNet", constructor=_tiny_base,
+                    preprocess=keras.applications.efficientnet.preprocess_input, native_size=32, min_size=8,
+                    last_conv_layer="tiny_conv", unfreeze_layers=1, notebook="TinyNet")
+    ARCHITECTURES[spec.key] = spec
+    try:
+        root = tmp_path_factory.mktemp("tiny_study")
+        data, out = root / "data", root / "OUT"
+        make_synthetic_dataset(data, seed=3, **TINY_SET)
+        split_a = save_split(make_split(data, seed=1, progress=False), out / "split.csv")
+        split_b = save_split(make_split(data, seed=2, progress=False), root / "other" / "split_b.csv")
+        cfg = profile_config("smoke", arch=spec.key, data_dir=str(data), output_dir=str(out), epochs=1)
+        split = load_split(split_a)
+        result = train_from_config(cfg.replace(split_path=str(split_a)), verbose=0)
+        yield {"cfg": cfg, "result": result, "split": split, "split_a": split_a, "split_b": split_b, "root": root}
+    finally:
+        del ARCHITECTURES[spec.key]
+
+
+def _intervals(results):
+    return {k: v for k, v in results["metrics"].items() if k.endswith("_ci")}
+
+
+def test_cli_evaluate_gives_the_notebooks_intervals_and_records_the_resampling(tiny_study, tmp_path):
+    from bloodcell_lib import study
+    from bloodcell_lib.cli import main
+    from bloodcell_lib.split import dataset_fingerprint, split_sha256
+
+    cfg, result, split = tiny_study["cfg"], tiny_study["result"], tiny_study["split"]
+    notebook = study.evaluate(cfg.replace(output_dir=str(tmp_path / "notebook")), result, split)
+    assert main(["evaluate", "--model", str(result.model_path), "--split", str(tiny_study["split_a"]),
+                 "--output", str(tmp_path / "cli")]) == 0
+    cli = json.loads((tmp_path / "cli" / "tinynet_results.json").read_text())
+    assert _intervals(cli) == _intervals(notebook) and len(_intervals(cli)) == 7
+    # The smoke profile's resampling (not the paper's 1000): the CLI took it from the model's training run.
+    assert notebook["metrics"]["bootstrap"]["n_boot"] == cli["metrics"]["bootstrap"]["n_boot"] == 100
+    assert notebook["metrics"]["bootstrap"]["seed"] == cli["metrics"]["bootstrap"]["seed"] == cfg.seed == 42
+    assert cli["config"]["bootstrap"] == 100 and cli["config"]["profile"] == "smoke"
+    # Provenance: both results name the split file and the images, and say they match the training run.
+    for results in (notebook, cli):
+        assert results["split"]["sha256"] == split_sha256(tiny_study["split_a"])
+        assert results["split"]["dataset_sha256"] == dataset_fingerprint(split)
+        assert results["split"]["matches_training_split"] is True
+
+
+def test_the_baseline_is_resampled_like_the_models_beside_it(tiny_study, tmp_path, capsys):
+    from bloodcell_lib.baseline import ensure_shortcut_baseline
+    from bloodcell_lib.cli import main
+    from bloodcell_lib.config import DEFAULT_BOOTSTRAP, DEFAULT_SEED
+
+    split_a, model = str(tiny_study["split_a"]), str(tiny_study["result"].model_path)
+    # No model in the folder yet: the profile's (paper) resampling, whose seed is the networks' too.
+    assert main(["baseline", "--split", split_a, "--output", str(tmp_path / "alone")]) == 0
+    alone = json.loads((tmp_path / "alone" / "shortcut_baseline_results.json").read_text())
+    assert alone["metrics"]["bootstrap"]["seed"] == DEFAULT_SEED
+    assert alone["metrics"]["bootstrap"]["n_boot"] == DEFAULT_BOOTSTRAP
+
+    out = tmp_path / "study"
+    assert main(["evaluate", "--model", model, "--split", split_a, "--output", str(out)]) == 0
+    assert main(["baseline", "--split", split_a, "--output", str(out)]) == 0
+    network = json.loads((out / "tinynet_results.json").read_text())["metrics"]["bootstrap"]
+    baseline = json.loads((out / "shortcut_baseline_results.json").read_text())
+    assert (baseline["metrics"]["bootstrap"]["seed"], baseline["metrics"]["bootstrap"]["n_boot"]) == (
+        network["seed"], network["n_boot"]) == (42, 100)
+    assert baseline["split"]["sha256"] == json.loads((out / "tinynet_results.json").read_text())["split"]["sha256"]
+    assert len(baseline["split"]["dataset_sha256"]) == 64
+
+    # The Comparison notebook's step keeps a baseline that matches, and redoes one that does not.
+    (tmp_path / "alone" / "tinynet_results.json").write_text(json.dumps({"metrics": {"bootstrap": network}}))
+    assert ensure_shortcut_baseline(split_a, tmp_path / "alone")["metrics"]["bootstrap"]["n_boot"] == 100
+    before = (out / "shortcut_baseline_results.json").stat().st_mtime_ns
+    ensure_shortcut_baseline(split_a, out)
+    assert (out / "shortcut_baseline_results.json").stat().st_mtime_ns == before
+
+
+def test_evaluate_refuses_a_split_the_model_was_not_trained_on(tiny_study, tmp_path, capsys):
+    from bloodcell_lib.cli import main
+    from bloodcell_lib.split import split_sha256
+
+    model, split_b = str(tiny_study["result"].model_path), str(tiny_study["split_b"])
+    capsys.readouterr()
+    assert main(["evaluate", "--model", model, "--split", split_b, "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert split_sha256(tiny_study["split_a"]) in err and split_sha256(split_b) in err
+    assert str(tiny_study["split_a"]) in err and "--allow-other-split" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 2
+    assert not list(tmp_path.iterdir())  # refused before anything was predicted or written
+
+
+def test_allow_other_split_evaluates_and_labels_the_results(tiny_study, tmp_path, caplog):
+    from bloodcell_lib.cli import main
+    from bloodcell_lib.split import split_sha256
+
+    model, split_b = str(tiny_study["result"].model_path), str(tiny_study["split_b"])
+    assert main(["evaluate", "--model", model, "--split", split_b, "--output", str(tmp_path),
+                 "--allow-other-split", "--gradcam-images", "0"]) == 0
+    assert "not on" in caplog.text and "matches_training_split: false" in caplog.text
+    block = json.loads((tmp_path / "tinynet_results.json").read_text())["split"]
+    assert block["matches_training_split"] is False
+    assert block["sha256"] == split_sha256(split_b)
+    assert block["training_split_sha256"] == split_sha256(tiny_study["split_a"])
+
+
+def test_a_model_without_recorded_provenance_is_evaluated_with_a_warning(tiny_study, tmp_path, caplog):
+    import shutil
+
+    from bloodcell_lib.cli import main
+
+    old = tmp_path / "old" / "tinynet.keras"  # an older run: the model file, no training history beside it
+    old.parent.mkdir()
+    shutil.copy(tiny_study["result"].model_path, old)
+    assert main(["evaluate", "--model", str(old), "--split", str(tiny_study["split_b"]), "--profile", "smoke",
+                 "--gradcam-images", "0"]) == 0
+    assert "records no training split" in caplog.text
+    results = json.loads((old.parent / "tinynet_results.json").read_text())
+    assert results["split"]["matches_training_split"] is None
+    assert results["metrics"]["bootstrap"]["n_boot"] == 100  # --profile smoke
+
+
+def test_the_training_history_records_the_split_the_images_and_the_configuration(tiny_study):
+    from bloodcell_lib.split import dataset_fingerprint, split_sha256
+
+    saved = json.loads(tiny_study["result"].history_path.read_text())["meta"]  # plain JSON: no TensorFlow needed
+    assert saved["split_sha256"] == split_sha256(tiny_study["split_a"])
+    assert saved["dataset_sha256"] == dataset_fingerprint(tiny_study["split"])
+    assert saved["config"]["bootstrap"] == 100 and saved["config"]["seed"] == 42

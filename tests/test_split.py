@@ -219,3 +219,87 @@ def test_cli_split_on_a_synthetic_set(tmp_path):
     tiny_run = subprocess.run([sys.executable, "-m", "bloodcell_lib", "split", str(too_small), "--out",
                                str(tmp_path / "tiny.csv")], capture_output=True, text=True, timeout=120)
     assert tiny_run.returncode == 2 and "Too few" in tiny_run.stderr
+
+
+# --- The split and the dataset must belong together -------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_set(tmp_path):
+    from bloodcell_lib.synthetic import TINY_SET, make_synthetic_dataset
+
+    data = tmp_path / "data"
+    make_synthetic_dataset(data, seed=0, **TINY_SET)
+    return data
+
+
+def test_dataset_fingerprint_follows_content_not_location_or_mtime(tiny_set, tmp_path):
+    import os
+    import shutil
+
+    from bloodcell_lib.split import dataset_changes, dataset_fingerprint
+
+    path = save_split(make_split(tiny_set, progress=False), tmp_path / "split.csv")
+    split = load_split(path)
+    side = json.loads(sidecar_path(path).read_text())
+    fingerprint = dataset_fingerprint(split)
+    assert side["dataset_sha256"] == fingerprint and len(side["image_sha256"]) == len(split)
+    assert dataset_changes(split).unchanged and dataset_changes(split).fingerprint == fingerprint
+
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_set, moved)
+    first = moved / split["path"].iloc[0]
+    os.utime(first, (1, 1))  # touched, not changed
+    assert dataset_fingerprint(load_split(path, data_root=moved)) == fingerprint
+    first.write_bytes((tiny_set / split["path"].iloc[1]).read_bytes())  # another image's bytes
+    assert dataset_fingerprint(load_split(path, data_root=moved)) != fingerprint
+
+
+def _study_config(data, out):
+    from bloodcell_lib.config import RunConfig
+
+    return RunConfig(arch="vgg16", data_dir=str(data), output_dir=str(out), weights=None)
+
+
+def test_a_dataset_changed_since_the_study_split_is_refused_with_counts(tiny_set, tmp_path):
+    from bloodcell_lib.errors import ProvenanceError
+    from bloodcell_lib.training import resolve_split
+
+    cfg = _study_config(tiny_set, tmp_path / "out")
+    split, path = resolve_split(cfg, verbose=0)  # made and saved in the output folder
+    (tiny_set / "basophil" / "notes.txt").write_text("not an image")  # unreadable: check-data leaves it out
+    again, _ = resolve_split(cfg, verbose=0)
+    assert again.attrs["dataset_sha256"] == split.attrs["dataset_sha256"]
+
+    names = split["path"].tolist()
+    for k in range(3):  # three new images
+        (tiny_set / "monocyte" / f"NEW_{k}.jpg").write_bytes((tiny_set / names[k]).read_bytes())
+    (tiny_set / names[5]).unlink()  # one removed
+    (tiny_set / names[6]).write_bytes((tiny_set / names[7]).read_bytes())  # one changed
+    with pytest.raises(ProvenanceError) as info:
+        resolve_split(cfg, verbose=0)
+    message = str(info.value)
+    assert "3 image(s) in the folder but not in the split" in message and "monocyte/NEW_0.jpg" in message
+    assert "1 image(s) named in the split but missing" in message and names[5] in message
+    assert "1 image(s) changed content" in message and names[6] in message
+    assert f"python -m bloodcell_lib split {tiny_set.resolve()} --out {path}" in message
+    assert "retrain" in message
+
+
+def test_a_split_of_another_dataset_is_refused_for_training(tiny_set, tmp_path):
+    from bloodcell_lib.errors import ProvenanceError
+    from bloodcell_lib.synthetic import make_synthetic_dataset
+    from bloodcell_lib.training import resolve_split
+
+    other = tmp_path / "other"
+    make_synthetic_dataset(other, per_class=7, size=48, duplicates=1, seed=5)  # same names, more, other pixels
+    path = save_split(make_split(tiny_set, progress=False), tmp_path / "split.csv")
+    cfg = _study_config(other, tmp_path / "out").replace(split_path=str(path))
+    with pytest.raises(ProvenanceError) as info:
+        resolve_split(cfg, verbose=0)
+    message = str(info.value)
+    assert "image(s) in the folder but not in the split" in message and "changed content" in message
+    assert "python -m bloodcell_lib split" in message and str(other.resolve()) in message
+    # The same split with its own dataset trains.
+    split, _ = resolve_split(cfg.replace(data_dir=str(tiny_set)), verbose=0)
+    assert len(split["path"]) == len(load_split(path))
