@@ -5,8 +5,11 @@ shortcut baseline by a paired cluster bootstrap over the test cells both runs sa
 p-value (metrics.paired_comparison), and the p-values are Holm-adjusted over that family. Only runs
 evaluated on one split file (the SHA-256 most runs share) are compared. The conclusion reads the paired
 interval, never whether two marginal intervals overlap: two models can both have wide intervals and still
-differ consistently on the same cells. McNemar's per-image test is kept as a secondary output only; it
-treats copies of one cell as independent evidence and rejects far too often.
+differ consistently on the same cells. The paired bootstrap draws the resamples the models' own intervals were
+drawn from (the n_boot and seed their results files record), so the paired and the marginal intervals agree on
+which cells each resample holds. Runs evaluated on a split their model was not trained on are not compared.
+McNemar's per-image test is kept as a secondary output only; it treats copies of one cell as independent
+evidence and rejects far too often.
 """
 
 from __future__ import annotations
@@ -22,23 +25,23 @@ import numpy as np
 import pandas as pd
 
 from bloodcell_lib.atomic import write_text
+from bloodcell_lib.baseline import RUN_NAME as BASELINE_RUN
+from bloodcell_lib.baseline import baseline_resampling
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.evaluation import PROB_COLUMNS, read_predictions
 from bloodcell_lib.metrics import holm_adjust, mcnemar_p, paired_comparison
 from bloodcell_lib.split import SPLIT_FILE, split_sha256
 
-BASELINE_RUN = "shortcut_baseline"
 INTERVAL_KEYS = ("accuracy", "macro_f1", "weighted_f1", "roc_auc_macro", "myeloblast_recall", "log_loss", "ece")
 # Ranking and testing use the same metric, so a "best" model is never backed by a test of something else.
 RANK_METRIC = "macro_f1"
 ALPHA = 0.05
-# Resamples and swaps per paired test: enough that Holm over ~10 comparisons is not limited by resolution
-# (the smallest p is 1/2001). The seed is the study's (its results files record it), else DEFAULT_SEED.
-PAIRED_N_BOOT = 2000
-DEFAULT_SEED = 0
+# Group swaps per paired p-value: enough that Holm over ~10 comparisons is not limited by resolution (the
+# smallest p is 1/2001). Swaps are not bootstrap resamples, so this need not match the study's n_boot.
+PAIRED_N_PERM = 2000
 NO_GROUPS = "none (each image its own group)"
 PAIRED_COLUMNS = ["model_a", "model_b", "run_a", "run_b", "metric", "delta", "ci_low", "ci_high", "p_value",
-                  "p_holm", "n_images", "n_groups", "groups_from"]
+                  "p_holm", "n_images", "n_groups", "groups_from", "n_boot", "seed", "n_perm"]
 
 
 @dataclass
@@ -80,7 +83,8 @@ class Comparison:
         unranked = self.table[(self.table["run"] != BASELINE_RUN) & (self.table["split_by"] != "image")
                               & self.table["rank"].isna()]
         if not unranked.empty:
-            text.append("Not ranked (another split or no macro-F1; see the missing or partial list): "
+            text.append("Not ranked (evaluated on another split or on one its model was not trained on, or no "
+                        "macro-F1; see the missing or partial list): "
                         + ", ".join(unranked["model"]) + ".")
         if not self.leakage.empty:
             worst = self.leakage.sort_values("accuracy_delta", ascending=False).iloc[0]
@@ -104,8 +108,9 @@ class Comparison:
         if not self.paired.empty:
             parts += ["## Paired differences in macro-F1 (same test cells; Holm-adjusted)",
                       "Each row: model a minus model b on the test images both saw, 95% interval from a bootstrap "
-                      "that resamples whole duplicate groups for both models at once; p from swapping the two "
-                      "models' predictions within whole groups; Holm p adjusted over every row.",
+                      "that resamples whole duplicate groups for both models at once (the resamples of the models' "
+                      "own intervals: the n_boot and seed of their results files); p from swapping the two models' "
+                      "predictions within whole groups; Holm p adjusted over every row.",
                       markdown_table(display_paired(self.paired))]
         if not self.mcnemar.empty:
             parts += ["## McNemar p-values (per image; ignores copies — secondary)",
@@ -132,11 +137,12 @@ class Comparison:
 
 
 def compare_results(results_dir: str | Path, expected: list[str] | None = None,
-                    n_boot: int = PAIRED_N_BOOT, seed: int | None = None) -> Comparison:
+                    n_boot: int | None = None, seed: int | None = None) -> Comparison:
     """Build the comparison from a folder; missing or broken files are listed, never fatal.
 
-    n_boot: resamples (and group swaps) per paired test; seed: one for every comparison, so reruns agree
-    (None → the study's bootstrap seed as its results files record it, else DEFAULT_SEED).
+    n_boot, seed: the paired bootstrap's resamples and seed, one for every comparison so reruns agree. None →
+    what the models' results files record (metrics.bootstrap), so the paired resamples are those the models'
+    intervals were drawn from; only when no file records one, the profile's (BLOODCELL_PROFILE, else paper).
     """
     from bloodcell_lib.registry import ARCHITECTURES  # imports Keras; the CLI starts faster without it
 
@@ -158,14 +164,17 @@ def compare_results(results_dir: str | Path, expected: list[str] | None = None,
     missing = [f"{key} (no results file)" for key in expected if key not in present]
 
     group_runs = {name: r for name, r in runs.items() if _split_by(r) != "image"}
-    excluded, split_problems = split_mismatches(group_runs, results_dir)
+    untrained, untrained_problems = not_trained_on_split(group_runs)
+    trained_runs = {name: r for name, r in group_runs.items() if name not in untrained}
+    other_split, split_problems = split_mismatches(trained_runs, results_dir)
+    excluded = untrained | other_split
     family_runs = {name: r for name, r in group_runs.items() if name not in excluded}
     table["rank"] = rank_column(table, excluded)
     preds, read_problems = read_run_predictions(results_dir, family_runs)
-    paired, paired_problems = paired_tests(table, preds, n_boot=n_boot,
-                                           seed=_study_seed(family_runs) if seed is None else seed)
+    n_boot, seed = baseline_resampling(results_dir, n_boot=n_boot, seed=seed)
+    paired, paired_problems = paired_tests(table, preds, n_boot=n_boot, seed=seed)
     mcnemar, mc_problems = mcnemar_matrix(preds)
-    found = problems + split_problems + read_problems + paired_problems + mc_problems
+    found = problems + untrained_problems + split_problems + read_problems + paired_problems + mc_problems
     return Comparison(table=table, paired=paired, mcnemar=mcnemar, leakage=leakage_table(runs), missing=missing,
                       problems=list(dict.fromkeys(found)))
 
@@ -243,6 +252,18 @@ def split_mismatches(runs: dict[str, dict], results_dir: Path) -> tuple[set[str]
     return excluded, problems
 
 
+def not_trained_on_split(runs: dict[str, dict]) -> tuple[set[str], list[str]]:
+    """The runs whose results say their model was trained on another split (evaluate --allow-other-split), and why.
+
+    Such a model may have trained on some of these test images, so its scores are not comparable. A run that
+    cannot say (matches_training_split missing or null) stays in.
+    """
+    names = {name for name, r in runs.items() if (r.get("split") or {}).get("matches_training_split") is False}
+    return names, [f"{name}: evaluated on a split other than the one its model was trained on "
+                   "(split.matches_training_split is false: evaluate --allow-other-split), so some test images may "
+                   "have been training images; left out of the ranking and the paired tests" for name in sorted(names)]
+
+
 def rank_column(table: pd.DataFrame, excluded: set[str]) -> pd.Series:
     """Rank by macro-F1 (1 = best) of the CNNs on a group split that use the majority split; others NA."""
     ranked = ((table["run"] != BASELINE_RUN) & (table["split_by"] != "image") & ~table["run"].isin(excluded))
@@ -295,7 +316,10 @@ def _groups_of(frame: pd.DataFrame, results: dict, results_dir: Path) -> tuple[p
 
 def paired_tests(table: pd.DataFrame, preds: dict[str, pd.DataFrame], n_boot: int,
                  seed: int) -> tuple[pd.DataFrame, list[str]]:
-    """Every ranked CNN against the best one and against the baseline, paired on shared images, Holm-adjusted."""
+    """Every ranked CNN against the best one and against the baseline, paired on shared images, Holm-adjusted.
+
+    n_boot, seed: the study's bootstrap, so each paired resample holds the cells the models' intervals drew.
+    """
     ranked = [run for run in table.sort_values("rank", kind="stable").loc[table["rank"].notna(), "run"]
               if run in preds]
     pairs = [(ranked[0], other) for other in ranked[1:]] if ranked else []
@@ -305,7 +329,9 @@ def paired_tests(table: pd.DataFrame, preds: dict[str, pd.DataFrame], n_boot: in
     rows, problems = [], []
     for run_a, run_b in pairs:
         a, b = preds[run_a], preds[run_b]
-        shared = a.index.intersection(b.index)
+        # In run a's file order: groups are numbered in order of appearance, and the resamples of the models'
+        # intervals were drawn over the predictions file's order.
+        shared = a.index[a.index.isin(b.index)]
         if len(shared) == 0:
             problems.append(f"{run_a} and {run_b} share no test image; were they evaluated on the same split?")
             continue
@@ -317,11 +343,12 @@ def paired_tests(table: pd.DataFrame, preds: dict[str, pd.DataFrame], n_boot: in
         source = a if a["groups_from"].iloc[0] != NO_GROUPS else b
         result = paired_comparison(a["true_label"].map(CLASSES.index).to_numpy(), a[PROB_COLUMNS].to_numpy(),
                                    b[PROB_COLUMNS].to_numpy(), groups=source["group"].to_numpy(),
-                                   metric=RANK_METRIC, n_boot=n_boot, seed=seed)
+                                   metric=RANK_METRIC, n_boot=n_boot, seed=seed, n_perm=PAIRED_N_PERM)
         rows.append({"model_a": names.get(run_a, run_a), "model_b": names.get(run_b, run_b), "run_a": run_a,
                      "run_b": run_b, "metric": RANK_METRIC, "delta": result["delta"], "ci_low": result["ci"][0],
                      "ci_high": result["ci"][1], "p_value": result["p_value"], "n_images": result["n"],
-                     "n_groups": result["n_groups"], "groups_from": source["groups_from"].iloc[0]})
+                     "n_groups": result["n_groups"], "groups_from": source["groups_from"].iloc[0],
+                     "n_boot": result["n_boot"], "seed": result["seed"], "n_perm": result["n_perm"]})
     paired = pd.DataFrame(rows, columns=PAIRED_COLUMNS)
     paired["p_holm"] = holm_adjust(paired["p_value"].tolist())
     return paired, problems
@@ -421,13 +448,6 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 def _split_by(results: dict) -> str:
     return (results.get("split") or {}).get("split_by", "group")
-
-
-def _study_seed(runs: dict[str, dict]) -> int:
-    """The study's bootstrap seed as the runs' results record it (the most common; ties → smallest), else 0."""
-    recorded = [((r.get("metrics") or {}).get("bootstrap") or {}).get("seed") for r in runs.values()]
-    seeds = Counter(v for v in recorded if isinstance(v, int))
-    return max(seeds, key=lambda v: (seeds[v], -v)) if seeds else DEFAULT_SEED
 
 
 def _paired_row(paired: pd.DataFrame, run_a: str, run_b: str) -> pd.Series | None:

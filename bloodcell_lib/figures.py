@@ -183,16 +183,3 @@ def plot_scatter(x: Sequence[float], y: Sequence[float], names: Sequence[str], x
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
-
-
-def plot_matrix(matrix: np.ndarray, labels: Sequence[str], title: str, path: str | Path | None = None,
-                fmt: str = ".3f") -> Figure:
-    """An annotated square matrix, e.g. McNemar p-values between models."""
-    import seaborn as sns
-
-    fig = Figure(figsize=(1.2 * len(labels) + 2, 1.0 * len(labels) + 1.5))
-    ax = fig.subplots()
-    sns.heatmap(np.asarray(matrix, dtype=float), annot=True, fmt=fmt, cmap="viridis_r", ax=ax,
-                xticklabels=labels, yticklabels=labels)
-    ax.set_title(title)
-    return save_figure(fig, path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,7 +12,9 @@ from sklearn.metrics import f1_score
 
 from bloodcell_lib.atomic import write_json
 from bloodcell_lib.classes import CLASSES
+from bloodcell_lib.cli import main
 from bloodcell_lib.compare import BASELINE_RUN, NO_GROUPS, compare_results, markdown_table
+from bloodcell_lib.config import profile_config
 from bloodcell_lib.evaluation import PROB_COLUMNS
 from bloodcell_lib.metrics import compute_metrics, holm_adjust, mcnemar_p, paired_comparison
 from bloodcell_lib.split import split_sha256
@@ -20,10 +24,11 @@ CELLS = np.arange(100) // 2  # the fixture's 100 test images are 50 cells with t
 
 
 def _write_run(folder, run, arch, y_true, pred, split_by="group", paths=None, groups=CELLS, sha=SPLIT_SHA,
-               seed=0, **extra):
+               seed=0, n_boot=200, matches_training_split=None, **extra):
     """Write <run>_predictions.csv and <run>_results.json for one-hot-ish predictions.
 
-    groups=None writes a predictions file without a group column (as files from before groups were recorded).
+    groups=None writes a predictions file without a group column (as files from before groups were recorded);
+    matches_training_split=False labels the run as evaluate --allow-other-split does.
     """
     n = len(y_true)
     proba = np.full((n, len(CLASSES)), 0.05)
@@ -36,9 +41,12 @@ def _write_run(folder, run, arch, y_true, pred, split_by="group", paths=None, gr
     if groups is not None:
         frame["group"] = [f"g{g}" for g in groups]
     frame.to_csv(folder / f"{run}_predictions.csv", index=False)
+    split = {"split_by": split_by, "sha256": sha}
+    if matches_training_split is not None:
+        split["matches_training_split"] = matches_training_split
     results = {"architecture": arch, "display_name": arch.upper(), "run": run, "weights": None, "image_size": 32,
-               "split": {"split_by": split_by, "sha256": sha}, "predictions_file": f"{run}_predictions.csv",
-               "metrics": compute_metrics(y_true, proba, groups=groups, n_boot=200, seed=seed),
+               "split": split, "predictions_file": f"{run}_predictions.csv",
+               "metrics": compute_metrics(y_true, proba, groups=groups, n_boot=n_boot, seed=seed),
                "cost": {"params_total": 1000, "flops_per_image": 2e6, "latency_ms_batch1_median": 1.5}, **extra}
     write_json(folder / f"{run}_results.json", results)
 
@@ -83,8 +91,8 @@ def test_paired_table_compares_with_the_best_and_the_baseline_holm_adjusted(resu
     first = paired.iloc[0]
     assert first["delta"] == pytest.approx(f1_score(y, good, average="macro") - f1_score(y, poor, average="macro"))
     assert first["n_images"] == 100 and first["n_groups"] == 50 and first["groups_from"] == "predictions file"
-    # the same test by hand: same groups, same seed (the study's, from the results files), same resamples
-    direct = paired_comparison(y, _proba(good), _proba(poor), CELLS, n_boot=2000, seed=0)
+    # the same test by hand: same groups, the study's bootstrap (from the results files), same resamples
+    direct = paired_comparison(y, _proba(good), _proba(poor), CELLS, n_boot=200, seed=0, n_perm=2000)
     assert [first["ci_low"], first["ci_high"]] == pytest.approx(direct["ci"])
     assert first["p_value"] == pytest.approx(direct["p_value"])
     assert paired["p_holm"].tolist() == pytest.approx(holm_adjust(paired["p_value"].tolist()))
@@ -103,9 +111,44 @@ def test_paired_tests_use_the_study_seed_and_reruns_agree(tmp_path):
     assert first.equals(compare_results(tmp_path, expected=[], n_boot=300).paired)
     pred = {"vgg16": a, "resnet50": b}
     row = first.iloc[0]
-    direct = paired_comparison(y, _proba(pred[row["run_a"]]), _proba(pred[row["run_b"]]), CELLS, n_boot=300, seed=7)
+    direct = paired_comparison(y, _proba(pred[row["run_a"]]), _proba(pred[row["run_b"]]), CELLS, n_boot=300, seed=7,
+                               n_perm=2000)
     assert [row["ci_low"], row["ci_high"]] == pytest.approx(direct["ci"])
     assert row["p_value"] == pytest.approx(direct["p_value"])
+
+
+def test_paired_resamples_are_the_ones_the_models_intervals_drew(tmp_path):
+    # resnet50 is wrong on every image, so its macro-F1 is 0 in every resample and each paired delta is
+    # vgg16's own macro-F1 in that resample: with the same draws, the two intervals are the same numbers.
+    y = np.repeat(np.arange(5), 20)
+    good = np.where(np.random.default_rng(3).random(100) < 0.85, y, (y + 1) % 5)
+    _write_run(tmp_path, "vgg16", "vgg16", y, good, seed=7, n_boot=150)
+    _write_run(tmp_path, "resnet50", "resnet50", y, (y + 2) % 5, seed=7, n_boot=150)
+    comparison = compare_results(tmp_path, expected=[])
+    row = comparison.paired.iloc[0]
+    assert (row["run_a"], row["run_b"]) == ("vgg16", "resnet50")
+    marginal = comparison.table.set_index("run").loc["vgg16", "macro_f1_ci"]
+    assert [row["ci_low"], row["ci_high"]] == pytest.approx(marginal)
+    assert (row["n_boot"], row["seed"]) == (150, 7)  # recorded in paired_tests.csv
+
+
+def test_paired_bootstrap_falls_back_to_the_profile_only_when_nothing_is_recorded(tmp_path):
+    y = np.repeat(np.arange(5), 20)
+    rng = np.random.default_rng(4)
+    pred = {"vgg16": np.where(rng.random(100) < 0.9, y, (y + 1) % 5),
+            "resnet50": np.where(rng.random(100) < 0.6, y, (y + 1) % 5)}
+    for run in pred:
+        _write_run(tmp_path, run, run, y, pred[run], seed=3)
+        path = tmp_path / f"{run}_results.json"
+        results = json.loads(path.read_text())
+        del results["metrics"]["bootstrap"]  # as results written before the bootstrap was recorded
+        write_json(path, results)
+    row = compare_results(tmp_path, expected=[]).paired.iloc[0]
+    cfg = profile_config(None)  # the paper profile: the unit tests unset BLOODCELL_PROFILE
+    direct = paired_comparison(y, _proba(pred["vgg16"]), _proba(pred["resnet50"]), CELLS, n_boot=cfg.bootstrap,
+                               seed=cfg.seed, n_perm=2000)
+    assert [row["ci_low"], row["ci_high"]] == pytest.approx(direct["ci"])
+    assert (row["n_boot"], row["seed"]) == (cfg.bootstrap, cfg.seed)
 
 
 def test_models_are_ranked_and_tested_by_macro_f1_not_accuracy(tmp_path):
@@ -175,6 +218,20 @@ def test_runs_on_another_split_are_left_out_of_the_paired_tests(results_dir):
     assert pd.isna(comparison.table.set_index("run").loc["xception", "rank"])
     text = comparison.conclusion()
     assert text.startswith("Best by macro-F1: VGG16") and "Not ranked" in text and "XCEPTION" in text
+
+
+def test_runs_evaluated_on_a_split_their_model_was_not_trained_on_are_left_out(results_dir):
+    folder, y, *_ = results_dir
+    # perfect, on the study's split file, but its model was trained on another split (--allow-other-split)
+    _write_run(folder, "xception", "xception", y, y, matches_training_split=False)
+    comparison = compare_results(folder, expected=[])
+    ranks = comparison.table.set_index("run")["rank"]
+    assert pd.isna(ranks["xception"]) and ranks["vgg16"] == 1
+    assert comparison.conclusion().startswith("Best by macro-F1: VGG16")
+    assert "xception" not in set(comparison.paired["run_a"]) | set(comparison.paired["run_b"])
+    assert "xception" not in comparison.mcnemar.index
+    assert any(p.startswith("xception: evaluated on a split other than the one its model was trained on")
+               and "left out of the ranking and the paired tests" in p for p in comparison.problems)
 
 
 def test_missing_groups_are_read_from_the_split_file_or_noted(tmp_path):
@@ -260,6 +317,21 @@ def test_save_writes_csv_markdown_and_paired_tests(results_dir):
     assert "## Paired differences in macro-F1" in md and "Holm p" in md
     assert "## McNemar p-values (per image; ignores copies — secondary)" in md
     assert md.index("Paired differences") < md.index("McNemar")
+
+
+def test_compare_command_prints_where_the_paired_tests_are(results_dir, capsys):
+    folder, *_ = results_dir
+    assert main(["compare", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert str(folder / "paired_tests.csv") in out and str(folder / "comparison.csv") in out
+    assert "## Conclusion" in out and "Best by macro-F1: VGG16" in out
+
+
+def test_the_baseline_run_name_has_one_home():
+    library = Path(__file__).resolve().parents[1] / "bloodcell_lib"
+    copies = [path.name for path in sorted(library.glob("*.py")) for quote in "\"'"
+              if f"{quote}shortcut_baseline{quote}" in path.read_text(encoding="utf-8")]
+    assert copies == ["baseline.py"]
 
 
 def test_empty_folder_gives_an_empty_table(tmp_path):

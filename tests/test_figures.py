@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+from pathlib import Path
+
 import numpy as np
 
 from bloodcell_lib import figures
@@ -59,3 +63,16 @@ def test_a_figure_displays_as_png_in_a_notebook_kernel():
         "plot_image_grid([np.zeros((8, 8, 3))], ['x'])")])
     NotebookClient(nb, kernel_name="python3", timeout=120).execute()
     assert "image/png" in nb.cells[0].outputs[-1]["data"]
+
+
+def test_every_figure_is_drawn_by_the_library_or_a_notebook():
+    """A plot nothing calls is dead code that looks like a feature (plot_sample_predictions once, plot_matrix later)."""
+    root = Path(__file__).resolve().parents[1]
+    users = [*(root / "bloodcell_lib").glob("*.py"), *(root / "notebooks").glob("*.py"),
+             *(root / "notebooks").glob("*.ipynb"), *(root / "benchmarks").glob("*.py"), root / "run_all.py"]
+    text = "\n".join(path.read_text(encoding="utf-8") for path in users if path.is_file())
+    public = [name for name, fn in inspect.getmembers(figures, inspect.isfunction)
+              if not name.startswith("_") and fn.__module__ == figures.__name__]
+    # Any mention besides the function's own definition counts (figure_png is passed, not called).
+    unused = [name for name in public if len(re.findall(rf"\b{name}\b", text)) < 2]
+    assert unused == []
