@@ -87,6 +87,7 @@ def run_shortcut_baseline(
         "image_size": IMAGE_SIZE,
         "subset": "test",
         "split": split_info(split),
+        "leakage_audit": split.attrs.get("leakage_audit"),
         "metrics": metrics,
         "n_train": int(len(train)),
         "n_test": int(len(test)),

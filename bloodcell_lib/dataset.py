@@ -11,7 +11,7 @@ import time
 import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +76,13 @@ class DatasetReport:
     exact_duplicates: int  # files whose bytes equal an earlier file's
     near_duplicate_groups: int  # groups holding at least two different files
     class_folders: dict[str, list[str]] = field(default_factory=dict)
-    min_similarity: float = dedupe.MIN_SIMILARITY
+    min_score: float = dedupe.MIN_SCORE
     seconds: float = 0.0
+    # Verified candidate pairs {"a", "b", "score", "accepted"}: every accepted pair and the rejected ones
+    # scoring ≥ dedupe.REPORT_FLOOR, for the diagnostics (score distribution, pairs at the boundary).
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+    # One fingerprint per record, kept in memory for the leakage audit after the split; never saved.
+    prints: list[dedupe.CellPrint] = field(default_factory=list, repr=False)
 
     def problems_by_kind(self) -> dict[str, list[Problem]]:
         """Return the problems grouped by kind, in order of first occurrence."""
@@ -110,9 +115,12 @@ class DatasetReport:
         n_groups = len({r.group for r in self.records})
         lines.append(
             f"Duplicates: {self.exact_duplicates} exact copies (same bytes); {self.near_duplicate_groups} groups "
-            f"of near-duplicates (the same cell turned, flipped or re-lit; similarity ≥ {self.min_similarity}); "
-            f"{n_groups} groups in all — the split keeps each group on one side."
+            f"of near-duplicates (the same cell turned, flipped, zoomed, re-lit or defocused; verified log-polar "
+            f"correlation ≥ {self.min_score}); {n_groups} groups in all — the split keeps each group on one side."
         )
+        sizes = self.group_sizes()
+        if sizes:
+            lines.append("Group sizes: " + ", ".join(f"{n} images ×{k}" for n, k in sizes.items()))
         by_kind = self.problems_by_kind()
         if not by_kind:
             lines.append("Problems: none.")
@@ -125,9 +133,19 @@ class DatasetReport:
                 lines.append(f"  ... and {len(problems) - _SUMMARY_PATHS} more (see the JSON report)")
         return "\n".join(lines)
 
+    def group_sizes(self) -> dict[int, int]:
+        """Return {group size: number of groups of that size}, smallest size first."""
+        members = Counter(r.group for r in self.records)
+        return dict(sorted(Counter(members.values()).items()))
+
+    def boundary_pairs(self, n: int = 6) -> list[dict[str, Any]]:
+        """Return the n verified pairs closest to the decision threshold (accepted and rejected alike)."""
+        return sorted(self.pairs, key=lambda p: abs(p["score"] - self.min_score))[:n]
+
     def to_dict(self) -> dict[str, Any]:
-        """Return the whole report as JSON-ready data."""
-        data = asdict(self)
+        """Return the whole report as JSON-ready data (without the in-memory fingerprints)."""
+        data = asdict(replace(self, prints=[]))
+        del data["prints"]
         data["requested"] = str(self.requested)
         data["root"] = str(self.root)
         return data
@@ -201,15 +219,15 @@ def check_dataset(path: str | Path, progress: bool = True) -> DatasetReport:
 
     scanned = _scan(files, progress)
     records: list[ImageRecord] = []
-    signatures: list[dedupe.CellSignature] = []
+    prints: list[dedupe.CellPrint] = []
     for (label, file), (result, error) in zip(files, scanned):
         rel = _rel(file, root)
         if error is not None:
             problems.append(Problem(rel, error[0], error[1]))
             continue
-        sha, mode, height, width, signature = result
+        sha, mode, height, width, fingerprint = result
         records.append(ImageRecord(rel, label, sha, width, height, mode))
-        signatures.append(signature)
+        prints.append(fingerprint)
         if mode != "RGB":
             problems.append(Problem(rel, "converted", f"stored as Pillow mode {mode}; read as RGB"))
 
@@ -217,12 +235,13 @@ def check_dataset(path: str | Path, progress: bool = True) -> DatasetReport:
     counts.update(Counter(r.label for r in records))
     _require_all_classes(counts, class_dirs, root, problems)
 
-    pairs = dedupe.near_duplicate_pairs(signatures, dedupe.MIN_SIMILARITY)
-    group_index = dedupe.group_duplicates([r.sha256 for r in records], None, pairs=pairs)
+    scored = dedupe.near_duplicate_pairs(prints)
+    group_index = dedupe.group_duplicates([r.sha256 for r in records], scored.pairs[scored.accepted])
     digits = max(5, len(str(int(group_index.max()))))
     for record, g in zip(records, group_index):
         record.group = f"g{int(g):0{digits}d}"
     problems.extend(_label_conflicts(records))
+    problems.extend(_oversized_groups(records, group_index))
 
     members = Counter(r.group for r in records)
     distinct = defaultdict(set)
@@ -240,9 +259,41 @@ def check_dataset(path: str | Path, progress: bool = True) -> DatasetReport:
         exact_duplicates=len(records) - len({r.sha256 for r in records}),
         near_duplicate_groups=sum(1 for g, n in members.items() if n > 1 and len(distinct[g]) > 1),
         class_folders={c: [_rel(f, root) for f in class_dirs[c]] for c in CLASSES if c in class_dirs},
-        min_similarity=dedupe.MIN_SIMILARITY,
+        min_score=scored.min_score,
         seconds=time.perf_counter() - started,
+        pairs=_reported_pairs(records, scored),
+        prints=prints,
     )
+
+
+def leakage_audit(report: DatasetReport, split: Any) -> dict[str, Any]:
+    """Match every test image of a split against its training images with the duplicate verifier.
+
+    Returns {"n_test", "test_images_with_match_in_train", "min_score", "examples": [{test, train, score}]}.
+    A copy the grouping missed shows up here; on a group split the count should be 0.
+    """
+    index = {r.path: i for i, r in enumerate(report.records)}
+    test = [p for p in split.loc[split["subset"] == "test", "path"] if p in index]
+    train = [p for p in split.loc[split["subset"] == "train", "path"] if p in index]
+    best, score = dedupe.best_matches([report.prints[index[p]] for p in test],
+                                      [report.prints[index[p]] for p in train])
+    matched = np.flatnonzero(score >= report.min_score)
+    matched = matched[np.argsort(-score[matched])]
+    return {
+        "n_test": len(test),
+        "test_images_with_match_in_train": int(len(matched)),
+        "min_score": float(report.min_score),
+        "examples": [{"test": test[i], "train": train[best[i]], "score": round(float(score[i]), 4)}
+                     for i in matched[:_SUMMARY_PATHS]],
+    }
+
+
+def dataset_files(root: str | Path) -> set[str]:
+    """Return every file check_dataset reads under a data root (class folders, hidden files skipped), relative posix."""
+    root = Path(root)
+    notes: list[Problem] = []
+    folders = _class_folders(root, notes, [])
+    return {_rel(f, root) for group in folders.values() for folder in group for f in _files_below(folder, root, notes)}
 
 
 def _folders_below(folder: Path, depth: int):
@@ -323,7 +374,7 @@ def _scan(files: list[tuple[str, Path]], progress: bool) -> list[tuple[Any, Any]
 
 
 def _read_one(file: Path) -> tuple[Any, Any]:
-    """Return ((sha256, mode, height, width, cell signature), None) or (None, (kind, message)) for one file."""
+    """Return ((sha256, mode, height, width, cell print), None) or (None, (kind, message)) for one file."""
     try:
         data = file.read_bytes()
     except OSError as exc:
@@ -331,7 +382,8 @@ def _read_one(file: Path) -> tuple[Any, Any]:
     if not data:
         return None, ("empty", "the file is empty (0 bytes); delete or replace it")
     try:
-        rgb = images.read_rgb(file)
+        # The fingerprint needs WORK_SIDE px; twice that keeps the resize an average of several pixels.
+        rgb, size = images.read_rgb_sized(file, min_side=2 * dedupe.WORK_SIDE)
     except ImageTooLargeError as exc:
         return None, ("too_large", _strip_path(str(exc), file))
     except ImageDecodeError as exc:
@@ -341,8 +393,7 @@ def _read_one(file: Path) -> tuple[Any, Any]:
         return None, (kind, _strip_path(str(exc), file))
     except Exception as exc:  # noqa: BLE001 — one odd file must not stop a 15,000-file scan
         return None, ("corrupt", f"unexpected error while decoding ({type(exc).__name__}: {exc})")
-    return (hashlib.sha256(data).hexdigest(), _original_mode(data), rgb.shape[0], rgb.shape[1],
-            dedupe.cell_signature(rgb)), None
+    return (hashlib.sha256(data).hexdigest(), _original_mode(data), *size, dedupe.cell_print(rgb)), None
 
 
 def _original_mode(data: bytes) -> str:
@@ -385,6 +436,27 @@ def _require_all_classes(
             "; ".join(missing) + f". Every one of {', '.join(CLASSES)} needs at least one readable image: "
             "add the missing folder (or fix its files) or point at the right dataset folder."
         )
+
+
+def _oversized_groups(records: list[ImageRecord], group_index: np.ndarray) -> list[Problem]:
+    """Return one large_group problem per group far larger than the rest: perhaps distinct cells chained."""
+    problems = []
+    for g, size in dedupe.oversized_groups(group_index):
+        members = [r for r, k in zip(records, group_index) if k == g]
+        problems.append(Problem(
+            members[0].path, "large_group",
+            f"group {members[0].group} holds {size} images ({', '.join(m.path for m in members[:4])}, ...); "
+            "look at a few: if they are not copies of one cell, report it (the split keeps them together)",
+        ))
+    return problems
+
+
+def _reported_pairs(records: list[ImageRecord], scored: dedupe.PairScores) -> list[dict[str, Any]]:
+    """Return the accepted pairs and the rejected ones near the threshold as small dicts for the report."""
+    keep = np.flatnonzero(scored.scores >= min(dedupe.REPORT_FLOOR, scored.min_score))
+    return [{"a": records[scored.pairs[k, 0]].path, "b": records[scored.pairs[k, 1]].path,
+             "score": round(float(scored.scores[k]), 4), "accepted": bool(scored.scores[k] >= scored.min_score)}
+            for k in keep]
 
 
 def _label_conflicts(records: list[ImageRecord]) -> list[Problem]:

@@ -6,19 +6,22 @@ predictions written to `<run>_predictions.csv`, so anyone can recompute them fro
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
+import os
 import platform
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 
-from bloodcell_lib.atomic import write_json, write_text
+from bloodcell_lib.atomic import describe_os_error, write_json, write_text
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.config import DEFAULT_BOOTSTRAP, DEFAULT_SEED, RunConfig, profile_config
-from bloodcell_lib.errors import ProvenanceError
+from bloodcell_lib.errors import OutputError, ProvenanceError
 
 PROB_COLUMNS = [f"prob_{name}" for name in CLASSES]
 
@@ -261,49 +264,77 @@ def evaluate(model, split: pd.DataFrame, subset: str = "test", output_dir: str |
     """
     from bloodcell_lib.cost import measure_cost
     from bloodcell_lib.metrics import compute_metrics
-    from bloodcell_lib.model import model_image_size
+    from bloodcell_lib.model import check_model_fits_study, model_image_size
     from bloodcell_lib.registry import get_arch
 
     output_dir = Path(output_dir)
     spec = get_arch(model.name)
+    check_model_fits_study(model, model_path or spec.display_name)
     name = run_name(spec.key, split)
     # Before the prediction pass: a model must not be scored on images it may have been trained on.
     split_block = split_info(split)
     split_block.update(check_training_split(split_block, history, allow_other_split,
                                             model=f"{spec.display_name} ({model_path or 'in memory'})"))
-    rows, proba = predict_subset(model, split, subset)
-    frame = predictions_frame(rows, proba)
-    predictions_path = output_dir / f"{name}_predictions.csv"
-    write_text(predictions_path, frame.to_csv(index=False))
+    # All or nothing: every file goes to a hidden staging folder and is moved into place only when all succeeded,
+    # so a failure (a full disk, Grad-CAM) never leaves files of two runs side by side.
+    with staged_outputs(output_dir, name) as work:
+        rows, proba = predict_subset(model, split, subset)
+        frame = predictions_frame(rows, proba)
+        predictions_path = work / f"{name}_predictions.csv"
+        write_text(predictions_path, frame.to_csv(index=False))
 
-    # Metrics come from the file just written, so they are exactly what the CSV says.
-    y_true, proba, frame = read_predictions(predictions_path)
-    metrics = compute_metrics(y_true, proba, groups=frame["group"].to_numpy(), n_boot=n_boot, seed=seed)
-    meta = (history or {}).get("meta", {}) if isinstance(history, dict) else {}
-    results: dict[str, Any] = {
-        "architecture": spec.key,
-        "display_name": spec.display_name,
-        "run": name,
-        "weights": weights_used or meta.get("weights_used"),
-        "image_size": model_image_size(model),
-        "epochs": meta.get("epochs") or _epochs_from_history(history),
-        "subset": subset,
-        "split": split_block,
-        "metrics": metrics,
-        "predictions_file": predictions_path.name,
-        "output_dir": str(output_dir),
-        "versions": library_versions(),
-        "config": config or {},
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    results["cost"] = measure_cost(model, model_path=model_path, training_seconds=meta.get("total_seconds"),
-                                   epochs=(results["epochs"] or {}).get("total"), repeats=cost_repeats)
-    results["explainability"] = explain_model(model, split, frame if subset == "test" else frame.iloc[:0],
-                                              output_dir, name, gradcam_images, seed, make_figures)
-    if make_figures:
-        results["figures"] = save_figures(frame, metrics, output_dir, name, _curves(history))
-    write_json(output_dir / f"{name}_results.json", results)
+        # Metrics come from the file just written, so they are exactly what the CSV says.
+        y_true, proba, frame = read_predictions(predictions_path)
+        metrics = compute_metrics(y_true, proba, groups=frame["group"].to_numpy(), n_boot=n_boot, seed=seed)
+        meta = (history or {}).get("meta", {}) if isinstance(history, dict) else {}
+        results: dict[str, Any] = {
+            "architecture": spec.key,
+            "display_name": spec.display_name,
+            "run": name,
+            "weights": weights_used or meta.get("weights_used"),
+            "image_size": model_image_size(model),
+            "epochs": meta.get("epochs") or _epochs_from_history(history),
+            "subset": subset,
+            "split": split_block,
+            "leakage_audit": split.attrs.get("leakage_audit"),
+            "metrics": metrics,
+            "predictions_file": predictions_path.name,
+            "output_dir": str(output_dir),
+            "versions": library_versions(),
+            "config": config or {},
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        results["cost"] = measure_cost(model, model_path=model_path, training_seconds=meta.get("total_seconds"),
+                                       epochs=(results["epochs"] or {}).get("total"), repeats=cost_repeats)
+        results["explainability"] = explain_model(model, split, frame if subset == "test" else frame.iloc[:0],
+                                                  work, name, gradcam_images, seed, make_figures)
+        if make_figures:
+            results["figures"] = [str(output_dir / Path(p).name)
+                                  for p in save_figures(frame, metrics, work, name, _curves(history))]
+        write_json(work / f"{name}_results.json", results)
     return results
+
+
+@contextlib.contextmanager
+def staged_outputs(output_dir: Path, name: str) -> Iterator[Path]:
+    """Yield a hidden staging folder in output_dir; on success move its files into output_dir, the results JSON
+    last (it is what says a run is complete); always remove the folder, also one left by a killed run."""
+    staging = output_dir / f".{name}.evaluating"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as exc:
+        raise OutputError(describe_os_error(exc, staging)) from exc
+    try:
+        yield staging
+        files = sorted(staging.iterdir(), key=lambda p: p.name.endswith("_results.json"))
+        for path in files:
+            try:
+                os.replace(path, output_dir / path.name)
+            except OSError as exc:
+                raise OutputError(describe_os_error(exc, output_dir / path.name)) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _curves(history: dict | None) -> dict | None:

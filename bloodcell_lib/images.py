@@ -17,8 +17,6 @@ MAX_PIXELS = 100_000_000
 # Names of files that operating systems and tools leave in folders; never images.
 HIDDEN_FILES = {".ds_store", "thumbs.db", "desktop.ini", ".directory"}
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
 
 def is_hidden(path: Path) -> bool:
     """Return True for dot-files and OS clutter such as Thumbs.db or __MACOSX folders."""
@@ -26,9 +24,24 @@ def is_hidden(path: Path) -> bool:
     return name.startswith(".") or name.casefold() in HIDDEN_FILES or name == "__MACOSX"
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to an H×W×3 uint8 RGB array; raise ImageDecodeError if it is not one."""
+def read_rgb(path: str | Path, min_side: int | None = None) -> np.ndarray:
+    """Decode an image file to an H×W×3 uint8 RGB array; raise ImageDecodeError if it is not one.
+
+    min_side: a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose sides stay ≥ min_side,
+    a fraction of the cost of a full decode; other formats decode in full. The whole file is still read,
+    so a truncated file fails either way.
+    """
+    return read_rgb_sized(path, min_side)[0]
+
+
+def read_rgb_sized(path: str | Path, min_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Return (RGB array as read_rgb gives it, (height, width) of the full-resolution image as displayed)."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageDecodeError(f"{path}: is a folder, not an image file; pass the image files inside it "
+                               f"(e.g. {path}/*.jpg).")
+    if not path.exists():
+        raise ImageDecodeError(f"{path}: no such file; check the path.")
     try:
         if path.stat().st_size == 0:
             raise ImageDecodeError(f"{path}: the file is empty (0 bytes); delete or replace it.")
@@ -41,9 +54,13 @@ def read_rgb(path: str | Path) -> np.ndarray:
                         f"{path}: declares {width}×{height} = {width * height:,} pixels, more than the "
                         f"{MAX_PIXELS:,} we decode (possible decompression bomb); crop or resize it first."
                     )
+                if min_side and img.format == "JPEG":
+                    img.draft("RGB", (min_side, min_side))
                 img.load()
+                if img.getexif().get(_EXIF_ORIENTATION, 1) in _TURNED_A_QUARTER:
+                    width, height = height, width
                 img = ImageOps.exif_transpose(img)
-                return to_rgb(img)
+                return to_rgb(img), (height, width)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -52,6 +69,11 @@ def read_rgb(path: str | Path) -> np.ndarray:
         raise ImageDecodeError(f"{path}: not an image file Pillow can read; remove it from the folder.") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"{path}: corrupt or truncated image ({exc}); re-export or remove it.") from exc
+
+
+# EXIF orientations 5-8 turn the picture by a quarter: displayed width and height swap.
+_EXIF_ORIENTATION = 0x0112
+_TURNED_A_QUARTER = (5, 6, 7, 8)
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:

@@ -23,8 +23,10 @@ import pandas as pd
 
 from bloodcell_lib.atomic import write_json, write_text
 from bloodcell_lib.classes import CLASSES, canonical_class
+from bloodcell_lib.dataset import (SKIPPED_KINDS, DatasetReport, check_dataset, dataset_files, find_data_root,
+                                   leakage_audit)
 from bloodcell_lib.dedupe import sha256_file
-from bloodcell_lib.errors import ImageDecodeError, ProvenanceError, SplitError
+from bloodcell_lib.errors import BloodcellError, ImageDecodeError, ProvenanceError, SplitError
 from bloodcell_lib.images import read_rgb
 
 # The file name of a study's split inside its output folder; every model there is trained on it.
@@ -65,7 +67,7 @@ def make_split(
     file, group whose groups are merged with the duplicate groups (two images sharing either stay together).
     """
     _check_parameters(val, test, split_by)
-    frame, root = _input_frame(data, progress)
+    frame, root, report = _input_frame(data, progress)
     if metadata is not None:
         frame["group"] = merge_metadata_groups(frame, metadata)
     # The unit that is assigned to a subset: a whole group, or (leakage measurement only) a single image.
@@ -79,6 +81,8 @@ def make_split(
         data_root=str(root), seed=int(seed), val=float(val), test=float(test), split_by=split_by,
         metadata=None if metadata is None or isinstance(metadata, pd.DataFrame) else str(metadata),
     )
+    if report is not None:
+        out.attrs["leakage_audit"] = leakage_audit(report, out)
     if split_by == "image":
         logger.warning(IMAGE_SPLIT_WARNING)
     return out
@@ -112,6 +116,7 @@ def save_split(df: pd.DataFrame, path: str | Path) -> Path:
             for s in SUBSETS
         },
         **_dataset_record(df),
+        "leakage_audit": df.attrs.get("leakage_audit"),
     }
     write_json(sidecar_path(path), sidecar)
     df.attrs["split_path"] = str(path)
@@ -154,6 +159,7 @@ def load_split(path: str | Path, data_root: str | Path | None = None) -> pd.Data
     df.attrs.update(
         data_root=str(root), split_path=str(path), split_by=split_by, seed=sidecar.get("seed"),
         val=sidecar.get("val"), test=sidecar.get("test"), metadata=sidecar.get("metadata"),
+        leakage_audit=sidecar.get("leakage_audit"),
     )
     return df
 
@@ -225,7 +231,7 @@ def dataset_changes(split: pd.DataFrame) -> DatasetChanges:
     """
     root = _data_root(split)
     named = set(split["path"].astype(str))
-    on_disk = _dataset_files(root)
+    on_disk = dataset_files(root)
     changes = DatasetChanges(root=root, missing=sorted(named - on_disk))
     # Unreadable files are left out of every split (check-data reports them), so they count as nothing new.
     changes.added = [p for p in sorted(on_disk - named) if _readable(root / p)]
@@ -283,6 +289,11 @@ def split_summary(df: pd.DataFrame) -> str:
         lines.append(f"Leakage: {_leak_message(df)}.")
     else:
         lines.append("Leakage: no group appears in more than one subset.")
+    audit = df.attrs.get("leakage_audit")
+    if audit:
+        lines.append(f"Leakage audit: {audit['test_images_with_match_in_train']} of {audit['n_test']} test images "
+                     f"have a verified copy in train (score ≥ {audit['min_score']})"
+                     + "".join(f"\n  {e['test']} ~ {e['train']} ({e['score']:.3f})" for e in audit["examples"][:3]))
     if df.attrs.get("split_by") == "image":
         lines.append(IMAGE_SPLIT_WARNING)
     return "\n".join(lines)
@@ -376,8 +387,10 @@ def _check_parameters(val: float, test: float, split_by: str) -> None:
                          f"got val={val}, test={test}.")
 
 
-def _input_frame(data: Any, progress: bool) -> tuple[pd.DataFrame, Path]:
-    """Return (path, label, group frame, absolute data root) from a folder, a DatasetReport or a DataFrame."""
+def _input_frame(data: Any, progress: bool) -> tuple[pd.DataFrame, Path, DatasetReport | None]:
+    """Return (path, label, group frame, absolute data root, the check's report or None) from a folder,
+    a DatasetReport or a DataFrame."""
+    report = None
     if isinstance(data, pd.DataFrame):
         frame, root = data, data.attrs.get("data_root")
         if not root:
@@ -385,15 +398,11 @@ def _input_frame(data: Any, progress: bool) -> tuple[pd.DataFrame, Path]:
                              "folder its paths are relative to.")
     else:
         if isinstance(data, (str, Path)):
-            from bloodcell_lib.dataset import check_dataset
-
             data = check_dataset(data, progress=progress)
-        if not hasattr(data, "to_frame"):
+        if not isinstance(data, DatasetReport):
             raise SplitError("make_split needs a dataset folder, a DatasetReport or a DataFrame, "
                              f"got {type(data).__name__}.")
-        frame, root = data.to_frame(), data.root
-        from bloodcell_lib.dataset import SKIPPED_KINDS
-
+        frame, root, report = data.to_frame(), data.root, data
         skipped = [p for p in getattr(data, "problems", []) if getattr(p, "kind", "") in SKIPPED_KINDS]
         if skipped:
             logger.warning("%d unreadable files are left out of the split (see check-data).", len(skipped))
@@ -408,7 +417,7 @@ def _input_frame(data: Any, progress: bool) -> tuple[pd.DataFrame, Path]:
     if bad:
         raise SplitError(f"Unknown class label(s) {', '.join(map(repr, bad))}; expected one of {', '.join(CLASSES)}.")
     frame["label"] = labels
-    return frame, Path(root).expanduser().resolve()
+    return frame, Path(root).expanduser().resolve(), report
 
 
 def _read_metadata(metadata: str | Path | pd.DataFrame) -> pd.DataFrame:
@@ -474,7 +483,10 @@ def _carve_fold(y: np.ndarray, units: np.ndarray, idx: np.ndarray, fraction: flo
         with warnings.catch_warnings():
             # "The least populated class has only N members": the qualifying test below handles that case.
             warnings.simplefilter("ignore", UserWarning)
-            folds = [fold for _, fold in splitter.split(np.zeros(len(y_sub)), y_sub, g_sub)]
+            try:
+                folds = [fold for _, fold in splitter.split(np.zeros(len(y_sub)), y_sub, g_sub)]
+            except ValueError:  # "n_splits=20 cannot be greater than the number of members in each class"
+                continue  # a small set and a small fraction: fewer, larger folds are tried next
         for fold in folds:
             left = np.setdiff1d(np.arange(len(y_sub)), fold)
             if not _holds_every_class(y_sub[fold], g_sub[fold], classes, 1) or not _holds_every_class(
@@ -543,9 +555,6 @@ def _locate_root(root: Path, sample: str) -> Path:
     """Return the folder under `root` that holds the split's files (a Kaggle zip nests them a level or two down)."""
     if (root / sample).exists() or not root.is_dir():
         return root
-    from bloodcell_lib.dataset import find_data_root
-    from bloodcell_lib.errors import BloodcellError
-
     try:
         found = find_data_root(root).resolve()
     except BloodcellError:
@@ -577,17 +586,6 @@ def _dataset_record(df: pd.DataFrame) -> dict[str, Any]:
     if table is None:
         return {"dataset_sha256": None, "image_sha256": None}
     return {"dataset_sha256": _fingerprint(table), "image_sha256": {p: sha for p, (_, sha) in table.items()}}
-
-
-def _dataset_files(root: Path) -> set[str]:
-    """Every file check_dataset would read under root (class folders, hidden files skipped), relative posix paths."""
-    # dataset.py owns the rule of which files make up a dataset; reuse it rather than restate it here.
-    from bloodcell_lib.dataset import _class_folders, _files_below
-
-    notes: list = []
-    folders = _class_folders(root, notes, [])
-    return {f.relative_to(root).as_posix() for group in folders.values() for folder in group
-            for f in _files_below(folder, root, notes)}
 
 
 def _readable(file: Path) -> bool:

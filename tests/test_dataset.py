@@ -134,7 +134,7 @@ def test_every_problem_is_named_and_nothing_crashes(messy):
 
 
 def test_counts_modes_and_sizes(messy):
-    _, _, _, report = messy
+    _, root, _, report = messy
     assert list(report.counts) == list(CLASSES)
     assert report.counts == {"basophil": 12, "erythroblast": 14, "monocyte": 14, "myeloblast": 13, "seg_neutrophil": 12}
     modes = {r.path: r.mode for r in report.records}
@@ -145,7 +145,11 @@ def test_counts_modes_and_sizes(messy):
     assert modes["myeloblast/cmyk.jpg"] == "CMYK"
     assert report.size_stats["sizes"] == {"48x48": 61, "40x40": 4}
     assert report.size_stats["width"] == {"min": 40, "median": 48.0, "max": 48}
-    assert len({r.group for r in report.records}) == len(report.records) - 30  # 30 synthetic cells, 1 copy each
+    # 30 synthetic cells with 1 copy each, and gray.png: a basophil turned and stripped of colour.
+    assert len({r.group for r in report.records}) == len(report.records) - 31
+    groups = {r.path: r.group for r in report.records}
+    base = next((root / "basophil").glob("BA_*.jpg")).relative_to(root).as_posix()  # the fixture's choice
+    assert groups["erythroblast/gray.png"] == groups[base]
     assert all(r.group.startswith("g") for r in report.records)
 
 
