@@ -183,3 +183,23 @@ def plot_scatter(x: Sequence[float], y: Sequence[float], names: Sequence[str], x
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
+
+
+def plot_duplicate_diagnostics(scores: Sequence[float], accepted: Sequence[bool], threshold: float,
+                               group_sizes: Mapping[int, int], path: str | Path | None = None) -> Figure:
+    """Left: verified similarity of accepted pairs against the nearest rejected ones, with the threshold.
+    Right: how many duplicate groups have each size (a long tail would mean chained distinct cells)."""
+    fig = Figure(figsize=(11, 3.8))
+    left, right = fig.subplots(1, 2)
+    scores, accepted = np.asarray(scores, dtype=float), np.asarray(accepted, dtype=bool)
+    bins = np.linspace(min(scores.min(initial=threshold), threshold) - 0.02, 1.0, 40)
+    left.hist(scores[accepted], bins=bins, color="tab:green", alpha=0.75, label=f"accepted ({accepted.sum()})")
+    left.hist(scores[~accepted], bins=bins, color="tab:red", alpha=0.6, label=f"rejected, nearest ({(~accepted).sum()})")
+    left.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:g}")
+    left.set(xlabel="verified similarity of a candidate pair", ylabel="pairs", title="Copies found vs rejected")
+    left.legend(fontsize=8)
+    sizes = sorted(group_sizes)
+    right.bar([str(s) for s in sizes], [group_sizes[s] for s in sizes], color="tab:blue")
+    right.set(xlabel="images in the group", ylabel="groups", title="Duplicate group sizes")
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from bloodcell_lib.classes import CLASSES
-from bloodcell_lib.config import RunConfig, output_dir_override, profile_config
+from bloodcell_lib.config import RunConfig, output_dir_override, profile_config, resolve_profile
 from bloodcell_lib.split import SPLIT_FILE
 
 SYNTHETIC_FOLDER = "synthetic_data"
@@ -25,12 +25,13 @@ def configure(arch: str, profile: str = "auto", data_dir: str | None = None, **p
     from bloodcell_lib.registry import get_arch
 
     spec = get_arch(arch)
-    if profile == "auto":
-        profile = "paper" if data_dir and Path(data_dir).exists() else "demo"
+    # Explicit beats implicit: PROFILE in the notebook wins; BLOODCELL_PROFILE only replaces "auto".
+    profile, why = resolve_profile(profile, default="paper" if data_dir and Path(data_dir).exists() else "demo")
     params = {k: v for k, v in params.items() if v is not None}
     if "output_dir" in params:
         params["output_dir"] = output_dir_override(params["output_dir"])
     cfg = profile_config(profile, arch=spec.key, data_dir=data_dir, **params)
+    cfg.extra["profile_source"] = why
     notes = []
     if isinstance(cfg.image_size, int) and cfg.image_size < spec.min_size:
         notes.append(f"image size raised from {cfg.image_size} to {spec.display_name}'s minimum {spec.min_size} px")
@@ -78,7 +79,7 @@ def describe(cfg: RunConfig) -> str:
     p1, p2 = cfg.phase_epochs
     lines = [
         f"Architecture : {spec.display_name} ({cfg.arch}), input {size}×{size} px",
-        f"Profile      : {cfg.profile}",
+        f"Profile      : {cfg.profile} ({cfg.extra.get('profile_source', 'given')})",
         f"Dataset      : {cfg.data_dir}",
         f"Weights      : {cfg.weights or 'none (random initialisation)'}",
         f"Epochs       : up to {cfg.epochs} ({p1} head + {p2} fine-tuning), batch {cfg.batch_size}, seed {cfg.seed}",
@@ -124,6 +125,31 @@ def duplicate_groups_table(report) -> pd.DataFrame:
     table = frame.groupby("label").agg(images=("path", "size"), groups=("group", "nunique"))
     table["images_per_group"] = (table["images"] / table["groups"]).round(2)
     return table.reindex(CLASSES)
+
+
+def show_duplicate_check(report):
+    """Figure: similarity of accepted pairs against the nearest rejected ones, and the group sizes."""
+    from bloodcell_lib.figures import plot_duplicate_diagnostics
+
+    return plot_duplicate_diagnostics([p["score"] for p in report.pairs], [p["accepted"] for p in report.pairs],
+                                      report.min_score, report.group_sizes())
+
+
+def show_boundary_pairs(report, n: int = 4):
+    """Figure: the candidate pairs scored closest to the threshold, side by side, with their verdict."""
+    from bloodcell_lib.figures import plot_image_grid
+    from bloodcell_lib.images import read_rgb
+
+    pairs = report.boundary_pairs(n)
+    if not pairs:
+        print("No candidate pair came near the threshold.")
+        return None
+    images, titles = [], []
+    for p in pairs:
+        verdict = "copy" if p["accepted"] else "distinct"
+        images += [read_rgb(Path(report.root) / p["a"]), read_rgb(Path(report.root) / p["b"])]
+        titles += [f"{p['a']}", f"{p['score']:.3f}: {verdict}\n{p['b']}"]
+    return plot_image_grid(images, titles, ncols=4)
 
 
 def prepare_split(cfg: RunConfig, report=None) -> pd.DataFrame:

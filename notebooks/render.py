@@ -104,14 +104,23 @@ print(study.describe(cfg))"""),
         md("""## Data checking
 
 Every file is decoded once. Unreadable, empty and non-image files are skipped and named; grayscale,
-RGBA, 16-bit and CMYK images are converted to RGB; exact and near-duplicate copies (rotations, flips,
-brightness changes) are grouped. Nothing is ever written into the dataset folder."""),
+RGBA, 16-bit and CMYK images are converted to RGB; exact copies and near-duplicates (the same cell turned by
+any angle, flipped, zoomed, shifted, re-lit, defocused or re-compressed) are grouped. Nothing is ever written
+into the dataset folder."""),
         code("report = study.check_data(cfg)"),
         code("study.show_class_examples(report)"),
         code("study.problems_table(report)"),
         md("""Duplicate groups per class: the Kaggle set holds augmented copies of fewer original cells. Copies of
 one cell must never be split between training and test, or the test score measures memory."""),
         code("study.duplicate_groups_table(report)"),
+        md("""How the copies were found: each image's stain around the white cell is resampled on a log-polar grid, so
+a rotation, flip or zoom becomes a shift; candidate pairs are verified by their best correlation over every
+rotation, flip and zoom. Left: accepted pairs (green) should sit well right of the threshold and the nearest
+rejected pairs (red) well left of it. Right: most groups should hold a handful of images; a long tail would mean
+distinct cells chained together (the check warns about any group larger than 3 × the median)."""),
+        code("study.show_duplicate_check(report)"),
+        md("The pairs scored closest to the threshold: look whether the verdicts are right."),
+        code("study.show_boundary_pairs(report)"),
         md(f"""## Preprocessing
 
 The split is stratified by class and grouped by duplicate group, and it is saved once and reused by every
