@@ -57,16 +57,16 @@ def imagenet_reachable(arch: str) -> bool:
 def ensure_synthetic_data(cfg: RunConfig) -> Path:
     """Generate the profile's synthetic set under the output folder once; reuse it afterwards."""
     from bloodcell_lib.atomic import write_json
-    from bloodcell_lib.synthetic import make_synthetic_dataset
+    from bloodcell_lib.synthetic import GENERATOR_VERSION, make_synthetic_dataset
 
     out = cfg.output_path / SYNTHETIC_FOLDER
     stamp = out / "synth_params.json"
     params = {"per_class": cfg.synth_per_class, "size": cfg.synth_size, "duplicates": cfg.synth_duplicates,
               "seed": cfg.seed, "shortcut": cfg.synth_shortcut}
-    if stamp.exists() and json.loads(stamp.read_text()) == params:
+    if stamp.exists() and json.loads(stamp.read_text()) == {**params, "generator": GENERATOR_VERSION}:
         return out
     make_synthetic_dataset(out, **params)
-    write_json(stamp, params)
+    write_json(stamp, {**params, "generator": GENERATOR_VERSION})
     return out
 
 

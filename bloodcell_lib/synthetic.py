@@ -28,6 +28,9 @@ from bloodcell_lib.errors import ConfigError, DatasetError
 from bloodcell_lib.images import HIDDEN_FILES
 
 MANIFEST_NAME = "synth_manifest.csv"
+# Raised whenever the images drawn for the same parameters change, so cached sets are made again.
+# 2: copies drawn from real-world augmentation ranges (any angle, zoom 0.85-1.2, clipping, defocus, JPEG 70-95).
+GENERATOR_VERSION = 2
 MANIFEST_COLUMNS = ("file", "class", "cell_id", "slide", "copy",
                     "mask_cx", "mask_cy", "mask_rx", "mask_ry", "mask_angle")
 # The smallest set that still has every class and a copy of each cell; for other modules' tests.

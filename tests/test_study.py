@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from matplotlib.figure import Figure
 
@@ -27,3 +29,19 @@ def test_boundary_pairs_show_both_images_of_each_pair_with_the_verdict(report):
     assert len(shown) == 6
     verdicts = [ax.get_title() for ax in shown[1::2]]
     assert all(("copy" in t) or ("distinct" in t) for t in verdicts)
+
+
+def test_a_synthetic_set_from_an_older_generator_is_made_again(tmp_path):
+    cfg = study.configure("vgg16", profile="smoke", output_dir=str(tmp_path))
+    data = study.ensure_synthetic_data(cfg)
+    stamp = data / "synth_params.json"
+    first = stamp.read_text()
+    assert study.ensure_synthetic_data(cfg) == data and stamp.read_text() == first  # reused as it is
+    old = json.loads(first)
+    del old["generator"]  # a stamp written before copies followed real-world ranges
+    stamp.write_text(json.dumps(old))
+    marker = data / "basophil" / "stale.jpg"
+    marker.write_bytes(b"stale")
+    study.ensure_synthetic_data(cfg)
+    assert json.loads(stamp.read_text())["generator"] == synthetic.GENERATOR_VERSION
+    assert not marker.exists()
