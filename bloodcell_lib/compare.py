@@ -10,6 +10,12 @@ drawn from (the n_boot and seed their results files record), so the paired and t
 which cells each resample holds. Runs evaluated on a split their model was not trained on are not compared.
 McNemar's per-image test is kept as a secondary output only; it treats copies of one cell as independent
 evidence and rejects far too often.
+
+When two or more CNNs are ranked, their soft vote (the mean of their class probabilities on the test images
+they all share; no retraining, no weights tuned on the test set) is added as a row "Ensemble (soft vote of N)"
+with intervals from the study's resamples, unranked (it is not one of the networks the study compares), and
+tested against the best single CNN in the same Holm family as every other paired test: it is one more claim
+the conclusion makes from the same test cells, so it shares their family-wise error rate.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from bloodcell_lib.baseline import RUN_NAME as BASELINE_RUN
 from bloodcell_lib.baseline import baseline_resampling
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.evaluation import PROB_COLUMNS, read_predictions
-from bloodcell_lib.metrics import holm_adjust, mcnemar_p, paired_comparison
+from bloodcell_lib.metrics import compute_metrics, holm_adjust, mcnemar_p, paired_comparison
 from bloodcell_lib.split import SPLIT_FILE, split_sha256
 
 INTERVAL_KEYS = ("accuracy", "macro_f1", "weighted_f1", "roc_auc_macro", "myeloblast_recall", "log_loss", "ece")
@@ -40,6 +46,10 @@ ALPHA = 0.05
 # smallest p is 1/2001). Swaps are not bootstrap resamples, so this need not match the study's n_boot.
 PAIRED_N_PERM = 2000
 NO_GROUPS = "none (each image its own group)"
+# The soft-vote ensemble's run name: one home, like the baseline's.
+ENSEMBLE_RUN = "ensemble"
+# Costs that add up over an ensemble's members (each member runs once per image); latency is not measured.
+ENSEMBLE_SUMMED_COST = ("params_total", "params_trainable", "flops_per_image", "keras_file_mb", "training_seconds")
 PAIRED_COLUMNS = ["model_a", "model_b", "run_a", "run_b", "metric", "delta", "ci_low", "ci_high", "p_value",
                   "p_holm", "n_images", "n_groups", "groups_from", "n_boot", "seed", "n_perm"]
 
@@ -54,6 +64,7 @@ class Comparison:
     leakage: pd.DataFrame
     missing: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    ensemble_members: list[str] = field(default_factory=list)
 
     def ranked(self) -> pd.DataFrame:
         """The ranked CNN rows (group split, the majority split file), best macro-F1 first."""
@@ -80,8 +91,16 @@ class Comparison:
                         "a CNN is only interesting by the margin it adds above that.")
             if _paired_row(self.paired, best["run"], BASELINE_RUN) is not None:
                 text.append(self._paired_sentence(best["run"], BASELINE_RUN))
-        unranked = self.table[(self.table["run"] != BASELINE_RUN) & (self.table["split_by"] != "image")
-                              & self.table["rank"].isna()]
+        ensemble = self.table[self.table["run"] == ENSEMBLE_RUN]
+        if not ensemble.empty:
+            e = ensemble.iloc[0]
+            names = self.table.set_index("run")["model"]
+            text.append(f"Averaging the probabilities of {', '.join(names.get(r, r) for r in self.ensemble_members)} "
+                        f"(soft vote, unranked) gives macro-F1 {_fmt_ci(e, RANK_METRIC)}.")
+            if _paired_row(self.paired, ENSEMBLE_RUN, best["run"]) is not None:
+                text.append(self._paired_sentence(ENSEMBLE_RUN, best["run"]))
+        unranked = self.table[~self.table["run"].isin([BASELINE_RUN, ENSEMBLE_RUN])
+                              & (self.table["split_by"] != "image") & self.table["rank"].isna()]
         if not unranked.empty:
             text.append("Not ranked (evaluated on another split or on one its model was not trained on, or no "
                         "macro-F1; see the missing or partial list): "
@@ -110,7 +129,9 @@ class Comparison:
                       "Each row: model a minus model b on the test images both saw, 95% interval from a bootstrap "
                       "that resamples whole duplicate groups for both models at once (the resamples of the models' "
                       "own intervals: the n_boot and seed of their results files); p from swapping the two models' "
-                      "predictions within whole groups; Holm p adjusted over every row.",
+                      "predictions within whole groups; Holm p adjusted over every row"
+                      + (" (the ensemble's test against the best single model included)."
+                         if ENSEMBLE_RUN in set(self.paired["run_a"]) else "."),
                       markdown_table(display_paired(self.paired))]
         if not self.mcnemar.empty:
             parts += ["## McNemar p-values (per image; ignores copies — secondary)",
@@ -172,11 +193,22 @@ def compare_results(results_dir: str | Path, expected: list[str] | None = None,
     table["rank"] = rank_column(table, excluded)
     preds, read_problems = read_run_predictions(results_dir, family_runs)
     n_boot, seed = baseline_resampling(results_dir, n_boot=n_boot, seed=seed)
-    paired, paired_problems = paired_tests(table, preds, n_boot=n_boot, seed=seed)
+    members = [run for run in ranked_runs(table) if run in preds]
+    ensemble, ensemble_problems = ensemble_predictions(preds, members)
+    tested = preds
+    if ensemble is not None:
+        row = table_row(ensemble_results(ensemble, [runs[m] for m in members], n_boot=n_boot, seed=seed))
+        at = len(table) - int((table["run"] == BASELINE_RUN).sum())  # after the CNNs, before the baseline
+        table = pd.concat([table.iloc[:at], pd.DataFrame([row], columns=TABLE_COLUMNS), table.iloc[at:]],
+                          ignore_index=True)
+        tested = {**preds, ENSEMBLE_RUN: ensemble}
+    paired, paired_problems = paired_tests(table, tested, n_boot=n_boot, seed=seed)
     mcnemar, mc_problems = mcnemar_matrix(preds)
-    found = problems + untrained_problems + split_problems + read_problems + paired_problems + mc_problems
+    found = (problems + untrained_problems + split_problems + read_problems + ensemble_problems + paired_problems
+             + mc_problems)
     return Comparison(table=table, paired=paired, mcnemar=mcnemar, leakage=leakage_table(runs), missing=missing,
-                      problems=list(dict.fromkeys(found)))
+                      problems=list(dict.fromkeys(found)),
+                      ensemble_members=members if ensemble is not None else [])
 
 
 TABLE_COLUMNS = [
@@ -271,6 +303,60 @@ def rank_column(table: pd.DataFrame, excluded: set[str]) -> pd.Series:
     return score.rank(ascending=False, method="min").astype("Int64")
 
 
+def ranked_runs(table: pd.DataFrame) -> list[str]:
+    """The ranked runs, best macro-F1 first (ties in table order)."""
+    return list(table.sort_values("rank", kind="stable").loc[table["rank"].notna(), "run"])
+
+
+def ensemble_predictions(preds: dict[str, pd.DataFrame], members: list[str]) -> tuple[pd.DataFrame | None, list[str]]:
+    """The soft vote of `members`: the mean of their class probabilities on the test images all of them share.
+
+    The frame is shaped like read_run_predictions' and in the first member's file order (give the best run
+    first: then the ensemble's resamples are the best run's, image for image). Groups come from the first
+    member whose groups are known. None, with the reason, for fewer than two members, no shared image or
+    disagreeing true labels.
+    """
+    if len(members) < 2:
+        return None, []
+    first = preds[members[0]]
+    shared = first.index
+    for run in members[1:]:
+        shared = shared[shared.isin(preds[run].index)]
+    if len(shared) == 0:
+        return None, [f"{', '.join(members)} share no test image, so there is no ensemble"]
+    frames = [preds[run].loc[shared] for run in members]
+    if any(not (f["true_label"] == frames[0]["true_label"]).all() for f in frames[1:]):
+        return None, [f"{', '.join(members)} disagree on the true labels of shared test images, so there is no "
+                      "ensemble"]
+    source = next((f for f in frames if f["groups_from"].iloc[0] != NO_GROUPS), frames[0])
+    proba = np.mean([f[PROB_COLUMNS].to_numpy(dtype=np.float64) for f in frames], axis=0)
+    vote = pd.DataFrame(proba, index=shared, columns=PROB_COLUMNS)
+    vote.insert(0, "true_label", frames[0]["true_label"])
+    problems = []
+    if any(len(preds[run]) != len(shared) for run in members):
+        problems.append(f"the ensemble covers the {len(shared)} test images all of {', '.join(members)} share, "
+                        "not every image each one was scored on")
+    return vote.assign(pred=proba.argmax(axis=1), group=source["group"].to_numpy(),
+                       groups_from=source["groups_from"].to_numpy()), problems
+
+
+def ensemble_results(ensemble: pd.DataFrame, members: list[dict], n_boot: int, seed: int) -> dict[str, Any]:
+    """A results dict for the soft vote (shaped like a model's, for table_row): metrics with the study's intervals.
+
+    members: the members' results, best first; costs that add up over members are summed.
+    """
+    y = ensemble["true_label"].map(CLASSES.index).to_numpy()
+    metrics = compute_metrics(y, ensemble[PROB_COLUMNS].to_numpy(), groups=ensemble["group"].to_numpy(),
+                              n_boot=n_boot, seed=seed)
+    costs = [r.get("cost") or {} for r in members]
+    cost = {key: (sum(c[key] for c in costs) if all(_is_num(c.get(key)) for c in costs) else None)
+            for key in ENSEMBLE_SUMMED_COST}
+    return {"architecture": ENSEMBLE_RUN, "run": ENSEMBLE_RUN,
+            "display_name": f"Ensemble (soft vote of {len(members)})",
+            "split": {"split_by": "group", "sha256": (members[0].get("split") or {}).get("sha256")},
+            "members": [r.get("run", r["architecture"]) for r in members], "metrics": metrics, "cost": cost}
+
+
 def read_run_predictions(results_dir: Path, runs: dict[str, dict]) -> tuple[dict[str, pd.DataFrame], list[str]]:
     """Each run's predictions indexed by path, with `group` and `groups_from` columns; problems when unreadable.
 
@@ -316,15 +402,17 @@ def _groups_of(frame: pd.DataFrame, results: dict, results_dir: Path) -> tuple[p
 
 def paired_tests(table: pd.DataFrame, preds: dict[str, pd.DataFrame], n_boot: int,
                  seed: int) -> tuple[pd.DataFrame, list[str]]:
-    """Every ranked CNN against the best one and against the baseline, paired on shared images, Holm-adjusted.
+    """Every ranked CNN against the best one and against the baseline, and the ensemble (when in preds) against
+    the best one, paired on shared images, Holm-adjusted over all of them.
 
     n_boot, seed: the study's bootstrap, so each paired resample holds the cells the models' intervals drew.
     """
-    ranked = [run for run in table.sort_values("rank", kind="stable").loc[table["rank"].notna(), "run"]
-              if run in preds]
+    ranked = [run for run in ranked_runs(table) if run in preds]
     pairs = [(ranked[0], other) for other in ranked[1:]] if ranked else []
     if BASELINE_RUN in preds:
         pairs += [(run, BASELINE_RUN) for run in ranked]
+    if ENSEMBLE_RUN in preds and ranked:
+        pairs.append((ENSEMBLE_RUN, ranked[0]))
     names = table.set_index("run")["model"]
     rows, problems = [], []
     for run_a, run_b in pairs:

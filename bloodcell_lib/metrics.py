@@ -1,4 +1,4 @@
-"""Classification metrics with cluster-bootstrap intervals, calibration error and paired model comparison.
+"""Classification metrics with cluster-bootstrap intervals, calibration scores and paired model comparison.
 
 Plain functions over arrays in scikit-learn's `f(y_true, y_score)` style, no hidden state.
 Labels are integer positions in CLASSES (class names are accepted too); `proba` is N×len(CLASSES).
@@ -11,6 +11,9 @@ Every bootstrap resample is represented as integer weights per image (how often 
 so all metrics of all resamples come out of a few matrix products instead of 1000 sklearn calls.
 Comparing two models reuses that: the same group draws weight both models' predictions (paired), and a
 weight row over the two models' predictions side by side swaps them within whole groups (the test).
+Per-class precision, recall, F1 and specificity come off the same weighted confusion matrices, from the same
+resamples. The calibration scores (top-1 and classwise ECE, Brier, log loss) have weighted kernels too, so
+paired_comparison can test a model before and after temperature scaling (calibration.py).
 McNemar's per-image test is kept for reference only; it treats copies of a cell as independent.
 """
 
@@ -35,6 +38,12 @@ from bloodcell_lib.classes import CLASSES, KEY_CLASS
 SCALAR_KEYS: tuple[str, ...] = (
     "accuracy", "macro_f1", "weighted_f1", "roc_auc_macro", "log_loss", "ece", "myeloblast_recall",
 )
+# The calibration scores (lower is better); classwise_ece and brier have no interval in results files, but
+# paired_comparison tests every one (calibration.calibration_report: before against after temperature scaling).
+CALIBRATION_KEYS: tuple[str, ...] = ("ece", "classwise_ece", "brier", "log_loss")
+PAIRED_KEYS: tuple[str, ...] = tuple(dict.fromkeys((*SCALAR_KEYS, *CALIBRATION_KEYS)))
+# Per-class rates with an interval in compute_metrics' `per_class_ci` (one-vs-rest for specificity).
+PER_CLASS_KEYS: tuple[str, ...] = ("precision", "recall", "f1", "specificity")
 ECE_BINS = 15
 # Keep the per-chunk weight matrix around a few tens of MB whatever the test-set size.
 _MAX_CELLS_PER_CHUNK = 2_000_000
@@ -54,8 +63,10 @@ def compute_metrics(
     groups: duplicate-group id per image (None → every image is its own group);
     n_boot: bootstrap resamples (0 → intervals are [nan, nan]); ci: interval coverage.
     Undefined values (e.g. ROC-AUC of a class absent from y_true) are NaN, never an exception.
+    Besides the SCALAR_KEYS and their `_ci`, `per_class_ci` and `key_class` hold per-class rates with
+    intervals from the same resamples (see per_class_metrics).
     """
-    y, p = _check_inputs(y_true, proba)
+    y, p = check_inputs(y_true, proba)
     codes = _group_codes(groups, len(y))
     pred = p.argmax(axis=1)
     labels = list(range(len(CLASSES)))
@@ -74,35 +85,80 @@ def compute_metrics(
         "ece": expected_calibration_error(y, p),
         "myeloblast_recall": float(cm[key, key] / support[key, 0]) if support[key, 0] else float("nan"),
     }
-    intervals, valid = _bootstrap_all(y, p, codes, n_boot, seed, ci)
+    # One set of resamples for the scalar and the per-class intervals: they agree on which cells each one holds.
+    boot = _bootstrap_values(y, codes, n_boot, seed,
+                             lambda w: {**_weighted_metrics(w, y, p), **_weighted_per_class(w, y, p)})
 
     results: dict[str, Any] = {}
     for name in SCALAR_KEYS:
         results[name] = float(point[name])
-        results[f"{name}_ci"] = intervals[name]
+        results[f"{name}_ci"] = _percentile_interval(boot.get(name, np.empty(0)), ci)
     results["roc_auc_per_class"] = {c: float(v) for c, v in zip(CLASSES, auc)}
     results["per_class"] = classification_report(
         y, pred, labels=labels, target_names=list(CLASSES), output_dict=True, zero_division=0
     )
+    results.update(_per_class_blocks(y, p, boot, ci))
     results["confusion_matrix"] = cm.tolist()
     with np.errstate(invalid="ignore", divide="ignore"):
         normalised = np.where(support > 0, cm / np.maximum(support, 1), 0.0)
     results["confusion_matrix_normalised"] = normalised.tolist()
     results["n"] = int(len(y))
     results["n_groups"] = int(codes.max() + 1)
-    results["bootstrap"] = {
-        "n_boot": int(n_boot), "seed": int(seed), "ci": float(ci),
-        "unit": "group" if groups is not None else "image",
-        "method": "percentile, resampling whole duplicate groups",
-        "valid_resamples": valid,
-    }
+    results["bootstrap"] = _bootstrap_record(n_boot, seed, ci, groups, boot, SCALAR_KEYS)
     return results
+
+
+def per_class_metrics(
+    y_true: Sequence[Any],
+    proba: np.ndarray,
+    groups: Sequence[Any] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> dict[str, Any]:
+    """Return precision, recall, F1 and specificity of every class, each with a group-bootstrap interval.
+
+    Returns `per_class_ci` ({class: {precision, precision_ci, recall, ..., support, valid_resamples}}),
+    `key_class` (the myeloblast's sensitivity and specificity with intervals) and `bootstrap`: exactly the
+    blocks compute_metrics returns for the same arguments, from the same resamples (so the myeloblast's
+    sensitivity interval is compute_metrics' myeloblast_recall_ci). A rate whose denominator is empty
+    (precision of a class never predicted, recall of a class absent) is NaN, and so is a resample where it
+    is; intervals use the resamples where it is defined. (scikit-learn's report in `per_class` writes 0.)
+    """
+    y, p = check_inputs(y_true, proba)
+    codes = _group_codes(groups, len(y))
+    boot = _bootstrap_values(y, codes, n_boot, seed, lambda w: _weighted_per_class(w, y, p))
+    return {**_per_class_blocks(y, p, boot, ci), "bootstrap": _bootstrap_record(n_boot, seed, ci, groups, boot, ())}
 
 
 def expected_calibration_error(y_true: Sequence[Any], proba: np.ndarray, n_bins: int = ECE_BINS) -> float:
     """Return the top-1 expected calibration error over `n_bins` equal-width confidence bins."""
-    y, p = _check_inputs(y_true, proba)
+    y, p = check_inputs(y_true, proba)
     return float(_weighted_ece(np.ones((1, len(y))), y, p, n_bins)[0])
+
+
+def classwise_ece(y_true: Sequence[Any], proba: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Return the classwise ECE (Kull et al. 2019): the mean over classes of each class's probability ECE.
+
+    For class k, p[:, k] is binned into `n_bins` equal-width bins and each bin's |share of class k −
+    mean p[:, k]| is weighted by the bin's share of images; unlike the top-1 ECE it sees every column.
+    """
+    y, p = check_inputs(y_true, proba)
+    return float(_weighted_classwise_ece(np.ones((1, len(y))), y, p, n_bins)[0])
+
+
+def brier_score(y_true: Sequence[Any], proba: np.ndarray) -> float:
+    """Return the multiclass Brier score: the mean over images of Σ_k (p_k − [y = k])², between 0 and 2."""
+    y, p = check_inputs(y_true, proba)
+    return float(_weighted_brier(np.ones((1, len(y))), y, p)[0])
+
+
+def calibration_scores(y_true: Sequence[Any], proba: np.ndarray) -> dict[str, float]:
+    """Return the CALIBRATION_KEYS scores (top-1 ECE, classwise ECE, Brier, log loss) and accuracy; no intervals."""
+    y, p = check_inputs(y_true, proba)
+    ones = np.ones((1, len(y)))
+    scores = _weighted_metrics(ones, y, p, (*CALIBRATION_KEYS, "accuracy"))
+    return {key: float(values[0]) for key, values in scores.items()}
 
 
 def bootstrap_ci(
@@ -148,7 +204,8 @@ def paired_comparison(
 ) -> dict[str, Any]:
     """Return metric(a) − metric(b) on the same images with a paired group-bootstrap interval and a p-value.
 
-    metric: a key of SCALAR_KEYS (for log_loss and ece lower is better, so a negative delta favours a);
+    metric: a key of PAIRED_KEYS (SCALAR_KEYS and CALIBRATION_KEYS; for the calibration scores lower is
+    better, so a negative delta favours a);
     groups: duplicate-group id per image (None → every image is its own group);
     n_perm: group swaps for the p-value (None → n_boot).
     Returns delta, ci [low, high], p_value, metric_a, metric_b, metric, n, n_groups, valid_resamples,
@@ -168,16 +225,16 @@ def paired_comparison(
     simulation. Interval and test answer slightly different questions, so right at the boundary one may
     exclude 0 while the other does not.
     """
-    if metric not in SCALAR_KEYS:
-        raise ValueError(f"paired_comparison: unknown metric {metric!r}; choose one of {list(SCALAR_KEYS)}.")
+    if metric not in PAIRED_KEYS:
+        raise ValueError(f"paired_comparison: unknown metric {metric!r}; choose one of {list(PAIRED_KEYS)}.")
     n_perm = n_boot if n_perm is None else n_perm
     if n_boot < 0 or n_perm < 0:
         raise ValueError(f"paired_comparison: n_boot and n_perm must be ≥ 0, got {n_boot} and {n_perm}.")
     if not 0.0 < ci < 1.0:
         raise ValueError(f"paired_comparison: ci is the interval's coverage in (0, 1), got {ci}.")
-    y, p_a = _check_inputs(y_true, proba_a)
+    y, p_a = check_inputs(y_true, proba_a)
     try:
-        _, p_b = _check_inputs(y, proba_b)
+        _, p_b = check_inputs(y, proba_b)
     except ValueError as exc:
         raise ValueError(f"proba_b does not match y_true and proba_a: {exc}") from exc
     codes = _group_codes(groups, len(y))
@@ -254,8 +311,11 @@ def mcnemar_p(y_true: Sequence[Any], pred_a: Sequence[Any], pred_b: Sequence[Any
 # --- inputs -------------------------------------------------------------------------------------
 
 
-def _check_inputs(y_true: Sequence[Any], proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return (int labels, float64 N×K probabilities) or raise ValueError saying what is wrong."""
+def check_inputs(y_true: Sequence[Any], proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (int labels, float64 N×K probabilities) or raise ValueError saying what is wrong.
+
+    The one home of "labels are CLASSES positions or names, proba is N×len(CLASSES) and finite".
+    """
     p = np.asarray(proba, dtype=np.float64)
     k = len(CLASSES)
     if p.ndim != 2 or p.shape[1] != k:
@@ -345,20 +405,59 @@ def _percentile_interval(values: np.ndarray, ci: float) -> list[float]:
     return [float(low), float(high)]
 
 
-def _bootstrap_all(
-    y: np.ndarray, p: np.ndarray, codes: np.ndarray, n_boot: int, seed: int, ci: float
-) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """Return ({key: [low, high]}, {key: number of resamples where it was defined})."""
+def _bootstrap_values(
+    y: np.ndarray, codes: np.ndarray, n_boot: int, seed: int,
+    kernels: Callable[[np.ndarray], dict[str, np.ndarray]],
+) -> dict[str, np.ndarray]:
+    """Return {key: value in each of the n_boot group-bootstrap resamples} of kernels(B×N weights).
+
+    The first axis of every array is the resample; n_boot ≤ 0 gives {} (no resamples, NaN intervals).
+    """
     if n_boot <= 0:
-        return {k: [float("nan"), float("nan")] for k in SCALAR_KEYS}, {k: 0 for k in SCALAR_KEYS}
+        return {}
     counts = _draw_group_counts(int(codes.max()) + 1, n_boot, seed)
     chunk = max(1, _MAX_CELLS_PER_CHUNK // len(y))
-    parts = [_weighted_metrics(counts[i:i + chunk][:, codes].astype(np.float64), y, p)
-             for i in range(0, n_boot, chunk)]
-    values = {k: np.concatenate([part[k] for part in parts]) for k in SCALAR_KEYS}
-    intervals = {k: _percentile_interval(v, ci) for k, v in values.items()}
-    valid = {k: int(np.isfinite(v).sum()) for k, v in values.items()}
-    return intervals, valid
+    parts = [kernels(counts[i:i + chunk][:, codes].astype(np.float64)) for i in range(0, n_boot, chunk)]
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+
+def _bootstrap_record(n_boot: int, seed: int, ci: float, groups: Sequence[Any] | None,
+                      boot: dict[str, np.ndarray], keys: Sequence[str]) -> dict[str, Any]:
+    """The `bootstrap` block of a results dict: how the intervals were drawn and how many resamples were valid."""
+    return {
+        "n_boot": int(n_boot), "seed": int(seed), "ci": float(ci),
+        "unit": "group" if groups is not None else "image",
+        "method": "percentile, resampling whole duplicate groups",
+        "valid_resamples": {k: int(np.isfinite(boot[k]).sum()) if k in boot else 0 for k in keys},
+    }
+
+
+def _per_class_blocks(y: np.ndarray, p: np.ndarray, boot: dict[str, np.ndarray], ci: float) -> dict[str, Any]:
+    """Return `per_class_ci` and `key_class` from the full-data rates and the resampled ones (B×K per key)."""
+    point = _weighted_per_class(np.ones((1, len(y))), y, p)
+    support = np.bincount(y, minlength=len(CLASSES))
+    k_of = {c: i for i, c in enumerate(CLASSES)}
+
+    def rate(key: str, k: int) -> tuple[float, list[float], int]:
+        values = boot[key][:, k] if key in boot else np.empty(0)
+        return float(point[key][0, k]), _percentile_interval(values, ci), int(np.isfinite(values).sum())
+
+    per_class: dict[str, Any] = {}
+    for name, k in k_of.items():
+        entry: dict[str, Any] = {}
+        valid: dict[str, int] = {}
+        for key in PER_CLASS_KEYS:
+            entry[key], entry[f"{key}_ci"], valid[key] = rate(key, k)
+        per_class[name] = {**entry, "support": int(support[k]), "valid_resamples": valid}
+    key = per_class[KEY_CLASS]
+    key_class = {
+        "class": KEY_CLASS,
+        "sensitivity": key["recall"], "sensitivity_ci": key["recall_ci"],
+        "specificity": key["specificity"], "specificity_ci": key["specificity_ci"],
+        "valid_resamples": {"sensitivity": key["valid_resamples"]["recall"],
+                            "specificity": key["valid_resamples"]["specificity"]},
+    }
+    return {"per_class_ci": per_class, "key_class": key_class}
 
 
 def _weighted_metrics(
@@ -376,13 +475,34 @@ def _weighted_metrics(
     return {key: out[key] for key in keys}
 
 
+def _weighted_confusion(w: np.ndarray, y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Return the B×K×K confusion matrices (rows true, columns predicted), one per row of w."""
+    k = len(CLASSES)
+    cells = np.zeros((len(y), k * k))
+    cells[np.arange(len(y)), y * k + p.argmax(axis=1)] = 1.0
+    return (w @ cells).reshape(-1, k, k)
+
+
+def _weighted_per_class(w: np.ndarray, y: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
+    """Return B×K precision, recall, F1 and one-vs-rest specificity; NaN where the denominator is empty."""
+    cm = _weighted_confusion(w, y, p)
+    total = cm.sum(axis=(1, 2))[:, None]
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    support = cm.sum(axis=2)
+    predicted = cm.sum(axis=1)
+    negatives = total - support
+    true_negatives = negatives - (predicted - tp)
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        return np.divide(num, den, out=np.full_like(num, np.nan), where=den > 0)
+
+    return {"precision": ratio(tp, predicted), "recall": ratio(tp, support),
+            "f1": ratio(2 * tp, support + predicted), "specificity": ratio(true_negatives, negatives)}
+
+
 def _weighted_confusion_metrics(w: np.ndarray, y: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
     """Return the metrics read off the weighted confusion matrix: accuracy, F1s, myeloblast recall."""
-    k = len(CLASSES)
-    pred = p.argmax(axis=1)
-    cells = np.zeros((len(y), k * k))
-    cells[np.arange(len(y)), y * k + pred] = 1.0
-    cm = (w @ cells).reshape(-1, k, k)
+    cm = _weighted_confusion(w, y, p)
     total = w.sum(axis=1)
     tp = np.diagonal(cm, axis1=1, axis2=2)
     support = cm.sum(axis=2)
@@ -428,6 +548,24 @@ def _weighted_ece(w: np.ndarray, y: np.ndarray, p: np.ndarray, n_bins: int) -> n
     return np.abs(w @ gap).sum(axis=1) / w.sum(axis=1)
 
 
+def _weighted_classwise_ece(w: np.ndarray, y: np.ndarray, p: np.ndarray, n_bins: int) -> np.ndarray:
+    """Return the weighted classwise ECE per row of w: every class's column binned like _weighted_ece."""
+    n, k = p.shape
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.digitize(p, edges[1:-1], right=True)  # N×K
+    # One column per (class, bin); an image adds ([y = k] − p_k) to its bin of every class.
+    gap = np.zeros((n, k * n_bins))
+    gap[np.repeat(np.arange(n), k), (np.arange(k) * n_bins + bins).ravel()] = (
+        (y[:, None] == np.arange(k)) - p).ravel()
+    return np.abs(w @ gap).sum(axis=1) / (k * w.sum(axis=1))
+
+
+def _weighted_brier(w: np.ndarray, y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Return the weighted mean over images of Σ_k (p_k − [y = k])², per row of w."""
+    squared = ((p - (y[:, None] == np.arange(p.shape[1]))) ** 2).sum(axis=1)
+    return (w @ squared) / w.sum(axis=1)
+
+
 def _weighted_auc(w: np.ndarray, positive: np.ndarray, score: np.ndarray) -> np.ndarray:
     """Return the one-vs-rest ROC-AUC per row of w (Mann-Whitney with weights, ties count ½); NaN if undefined."""
     order = np.argsort(score, kind="stable")
@@ -470,4 +608,6 @@ _WEIGHTED_KERNELS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], dict
     "roc_auc_macro": _weighted_auc_macro,
     "log_loss": lambda w, y, p: {"log_loss": _weighted_log_loss(w, y, p)},
     "ece": lambda w, y, p: {"ece": _weighted_ece(w, y, p, ECE_BINS)},
+    "classwise_ece": lambda w, y, p: {"classwise_ece": _weighted_classwise_ece(w, y, p, ECE_BINS)},
+    "brier": lambda w, y, p: {"brier": _weighted_brier(w, y, p)},
 }

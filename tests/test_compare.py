@@ -13,7 +13,7 @@ from sklearn.metrics import f1_score
 from bloodcell_lib.atomic import write_json
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.cli import main
-from bloodcell_lib.compare import BASELINE_RUN, NO_GROUPS, compare_results, markdown_table
+from bloodcell_lib.compare import BASELINE_RUN, ENSEMBLE_RUN, NO_GROUPS, compare_results, markdown_table
 from bloodcell_lib.config import profile_config
 from bloodcell_lib.evaluation import PROB_COLUMNS
 from bloodcell_lib.metrics import compute_metrics, holm_adjust, mcnemar_p, paired_comparison
@@ -74,7 +74,7 @@ def results_dir(tmp_path):
 def test_table_has_every_run_and_the_baseline(results_dir):
     folder, *_ = results_dir
     comparison = compare_results(folder, expected=["vgg16", "resnet50", "xception"])
-    assert list(comparison.table["run"]) == ["vgg16", "vgg16_imagesplit", "resnet50", BASELINE_RUN]
+    assert list(comparison.table["run"]) == ["vgg16", "vgg16_imagesplit", "resnet50", ENSEMBLE_RUN, BASELINE_RUN]
     assert comparison.missing == ["xception (no results file)"]
     assert comparison.table.set_index("run").loc["vgg16", "accuracy_ci"][0] <= comparison.table.set_index(
         "run").loc["vgg16", "accuracy"]
@@ -86,7 +86,7 @@ def test_paired_table_compares_with_the_best_and_the_baseline_holm_adjusted(resu
     comparison = compare_results(folder, expected=[])
     paired = comparison.paired
     assert list(zip(paired["run_a"], paired["run_b"])) == [
-        ("vgg16", "resnet50"), ("vgg16", BASELINE_RUN), ("resnet50", BASELINE_RUN)]
+        ("vgg16", "resnet50"), ("vgg16", BASELINE_RUN), ("resnet50", BASELINE_RUN), (ENSEMBLE_RUN, "vgg16")]
     assert set(paired["metric"]) == {"macro_f1"}
     first = paired.iloc[0]
     assert first["delta"] == pytest.approx(f1_score(y, good, average="macro") - f1_score(y, poor, average="macro"))
@@ -310,8 +310,8 @@ def test_broken_and_partial_files_are_reported_not_fatal(results_dir):
 def test_save_writes_csv_markdown_and_paired_tests(results_dir):
     folder, *_ = results_dir
     paths = compare_results(folder, expected=[]).save(folder)
-    assert len(pd.read_csv(paths["csv"])) == 4
-    assert len(pd.read_csv(paths["paired"])) == 3 and paths["paired"].name == "paired_tests.csv"
+    assert len(pd.read_csv(paths["csv"])) == 5  # vgg16, its image-split twin, resnet50, their ensemble, baseline
+    assert len(pd.read_csv(paths["paired"])) == 4 and paths["paired"].name == "paired_tests.csv"
     md = paths["markdown"].read_text()
     assert "| model |" in md and "Leakage" in md and "Conclusion" in md
     assert "## Paired differences in macro-F1" in md and "Holm p" in md
@@ -363,4 +363,97 @@ def test_comparison_notebook_shows_the_paired_tests(results_dir):
 
     folder, *_ = results_dir
     shown = study.show_paired_tests(compare_results(folder, expected=[]))
-    assert list(shown["model a"]) == ["VGG16", "VGG16", "RESNET50"] and "Holm p" in shown.columns
+    assert list(shown["model a"]) == ["VGG16", "VGG16", "RESNET50", "Ensemble (soft vote of 2)"]
+    assert "Holm p" in shown.columns
+
+
+# --- the soft-vote ensemble -------------------------------------------------------------------------------
+
+
+def test_an_ensemble_of_identical_models_is_the_model(tmp_path):
+    y = np.repeat(np.arange(5), 20)
+    pred = np.where(np.random.default_rng(6).random(100) < 0.8, y, (y + 1) % 5)
+    for run in ("vgg16", "resnet50", "xception"):
+        _write_run(tmp_path, run, run, y, pred, seed=4, n_boot=150)
+    comparison = compare_results(tmp_path, expected=[])
+    t = comparison.table.set_index("run")
+    assert t.loc[ENSEMBLE_RUN, "model"] == "Ensemble (soft vote of 3)"
+    assert comparison.ensemble_members == ["vgg16", "resnet50", "xception"]
+    for key in ("accuracy", "macro_f1", "weighted_f1", "roc_auc_macro", "myeloblast_recall", "log_loss", "ece"):
+        assert t.loc[ENSEMBLE_RUN, key] == pytest.approx(t.loc["vgg16", key]), key
+        assert t.loc[ENSEMBLE_RUN, f"{key}_ci"] == pytest.approx(t.loc["vgg16", f"{key}_ci"]), key  # same draws
+    assert pd.isna(t.loc[ENSEMBLE_RUN, "rank"]) and t.loc[ENSEMBLE_RUN, "n_test"] == 100
+    assert t.loc[ENSEMBLE_RUN, "params_total"] == 3000 and t.loc[ENSEMBLE_RUN, "flops_per_image"] == 6e6
+    assert pd.isna(t.loc[ENSEMBLE_RUN, "latency_ms"])  # not measured: members may run in parallel or in turn
+    row = comparison.paired[comparison.paired["run_a"] == ENSEMBLE_RUN].iloc[0]
+    assert row["run_b"] == "vgg16" and row["delta"] == 0 and row["ci_low"] == row["ci_high"] == 0
+    assert row["p_value"] == 1.0 and row["n_groups"] == 50
+    text = comparison.conclusion()
+    assert "Averaging the probabilities of VGG16, RESNET50, XCEPTION (soft vote, unranked) gives macro-F1" in text
+    assert "Ensemble (soft vote of 3) and VGG16 tie" in text
+    assert "Not ranked" not in text
+
+
+def test_the_ensemble_is_the_mean_of_the_probabilities_and_is_tested_in_the_holm_family(tmp_path):
+    # Three models, each wrong on a different fifth of the cells: the vote of the two that are right wins.
+    y = np.repeat(np.arange(5), 20)
+    cell_of = CELLS
+    preds = {}
+    for i, run in enumerate(("vgg16", "resnet50", "xception")):
+        wrong = (cell_of % 5) == i
+        preds[run] = np.where(wrong, (y + 1 + i) % 5, y)
+        _write_run(tmp_path, run, run, y, preds[run], seed=2, n_boot=200)
+    _write_run(tmp_path, BASELINE_RUN, BASELINE_RUN, y, np.full(100, 3), seed=2, n_boot=200)
+    comparison = compare_results(tmp_path, expected=[])
+    mean = np.mean([_proba(preds[run]) for run in preds], axis=0)
+    expected = compute_metrics(y, mean, groups=CELLS, n_boot=200, seed=2)
+    e = comparison.table.set_index("run").loc[ENSEMBLE_RUN]
+    assert e["accuracy"] == pytest.approx(1.0) and e["macro_f1"] == pytest.approx(1.0)
+    assert e["log_loss"] == pytest.approx(expected["log_loss"])
+    assert e["macro_f1_ci"] == pytest.approx(expected["macro_f1_ci"])
+    paired = comparison.paired
+    row = paired[paired["run_a"] == ENSEMBLE_RUN].iloc[0]
+    best = comparison.ranked().iloc[0]["run"]
+    assert row["run_b"] == best and row["model_a"] == "Ensemble (soft vote of 3)"
+    direct = paired_comparison(y, mean, _proba(preds[best]), CELLS, n_boot=200, seed=2, n_perm=2000)
+    assert row["delta"] == pytest.approx(direct["delta"]) and row["delta"] > 0.1
+    assert [row["ci_low"], row["ci_high"]] == pytest.approx(direct["ci"])
+    assert row["p_value"] == pytest.approx(direct["p_value"])
+    assert paired["p_holm"].tolist() == pytest.approx(holm_adjust(paired["p_value"].tolist()))  # one family
+    assert len(paired) == 2 + 3 + 1  # best vs 2 others, 3 CNNs vs baseline, the ensemble vs the best
+    assert ENSEMBLE_RUN not in comparison.mcnemar.index  # McNemar stays among the networks
+    assert "(the ensemble's test against the best single model included)" in comparison.to_markdown()
+
+
+def test_the_ensemble_leaves_out_the_runs_the_comparison_leaves_out(results_dir):
+    folder, y, good, poor = results_dir
+    _write_run(folder, "xception", "xception", y, y, sha="b" * 64)  # another split
+    _write_run(folder, "densenet201", "densenet201", y, y, matches_training_split=False)  # trained elsewhere
+    comparison = compare_results(folder, expected=[])
+    assert comparison.ensemble_members == ["vgg16", "resnet50"]  # not the image-split run nor the baseline
+    mean = (_proba(good) + _proba(poor)) / 2
+    e = comparison.table.set_index("run").loc[ENSEMBLE_RUN]
+    assert e["model"] == "Ensemble (soft vote of 2)"
+    assert e["macro_f1"] == pytest.approx(compute_metrics(y, mean, groups=CELLS, n_boot=0)["macro_f1"])
+    assert list(comparison.table["run"])[-2:] == [ENSEMBLE_RUN, BASELINE_RUN]
+
+
+def test_no_ensemble_with_fewer_than_two_ranked_cnns(results_dir):
+    folder, *_ = results_dir
+    (folder / "resnet50_results.json").unlink()  # vgg16, its image-split twin and the baseline remain
+    comparison = compare_results(folder, expected=[])
+    assert ENSEMBLE_RUN not in set(comparison.table["run"]) and comparison.ensemble_members == []
+    assert ENSEMBLE_RUN not in set(comparison.paired["run_a"])
+    assert "soft vote" not in comparison.conclusion()
+    assert "Holm p adjusted over every row." in comparison.to_markdown()
+
+
+def test_the_ensemble_covers_only_the_images_its_members_share(tmp_path):
+    y = np.repeat(np.arange(5), 20)
+    pred = np.where(np.random.default_rng(8).random(100) < 0.8, y, (y + 1) % 5)
+    paths = [f"{CLASSES[v]}/img_{i:03d}.jpg" for i, v in enumerate(y)]
+    _write_run(tmp_path, "vgg16", "vgg16", y, pred, paths=paths)
+    _write_run(tmp_path, "resnet50", "resnet50", y[:80], pred[:80], paths=paths[:80], groups=CELLS[:80])
+    comparison = compare_results(tmp_path, expected=[])
+    assert comparison.table.set_index("run").loc[ENSEMBLE_RUN, "n_test"] == 80
+    assert any(p.startswith("the ensemble covers the 80 test images all of") for p in comparison.problems)

@@ -91,7 +91,7 @@ def test_compare_cli_prints_both_models_baseline_and_mcnemar(evaluated):
     mcnemar = pd.read_csv(out / "mcnemar.csv", index_col=0)
     p = mcnemar.loc["vgg16", "efficientnetb3"]
     assert 0.0 <= p <= 1.0
-    assert len(pd.read_csv(out / "comparison.csv")) == 3
+    assert len(pd.read_csv(out / "comparison.csv")) == 4  # two CNNs, their soft-vote ensemble, the baseline
 
 
 def test_gradcam_examples_cover_right_and_wrong_of_every_class():

@@ -3,18 +3,31 @@ import time
 
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, f1_score, log_loss, recall_score, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    brier_score_loss,
+    f1_score,
+    log_loss,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.metrics import (
+    PER_CLASS_KEYS,
     SCALAR_KEYS,
     bootstrap_ci,
+    brier_score,
+    calibration_scores,
+    classwise_ece,
     compute_metrics,
     expected_calibration_error,
     holm_adjust,
     mcnemar_p,
     mcnemar_table,
     paired_comparison,
+    per_class_metrics,
 )
 
 
@@ -413,3 +426,122 @@ def test_paired_test_finds_a_real_difference():
                          for i, s in enumerate(sets)])
         print(f"{metric}: power {power:.2f}")
         assert power >= 0.8, metric
+
+
+# --- per-class rates with intervals --------------------------------------------------------------------
+
+
+def test_per_class_rates_by_hand(hand):
+    # HAND's confusion matrix (rows true, columns predicted) is in test_confusion_matrices_by_hand; 8 images.
+    # (precision, recall, F1, specificity = true negatives / negatives):
+    expected = {
+        "basophil": (1 / 2, 1 / 2, 1 / 2, 5 / 6),  # predicted twice (once for a myeloblast); 6 negatives, 1 FP
+        "erythroblast": (2 / 3, 1, 4 / 5, 5 / 6),  # predicted 3 times (once for a basophil); 6 negatives, 1 FP
+        "monocyte": (1, 1, 1, 1),
+        "myeloblast": (1, 1 / 2, 2 / 3, 1),  # predicted once, right; one myeloblast called basophil
+        "seg_neutrophil": (1, 1, 1, 1),
+    }
+    block = hand["per_class_ci"]
+    for name, values in expected.items():
+        assert [block[name][k] for k in PER_CLASS_KEYS] == pytest.approx(values), name
+        assert block[name]["support"] == hand["per_class"][name]["support"]
+        for key in ("precision", "recall", "f1"):  # what scikit-learn's report says where both are defined
+            assert block[name][key] == pytest.approx(hand["per_class"][name][key if key != "f1" else "f1-score"])
+    assert hand["key_class"]["class"] == "myeloblast"
+    assert hand["key_class"]["sensitivity"] == pytest.approx(0.5) and hand["key_class"]["specificity"] == 1.0
+
+
+def test_a_perfect_classifier_scores_one_everywhere_with_degenerate_intervals():
+    y, _, groups = _noisy_classifier(80, copies=2, seed=8)
+    result = per_class_metrics(y, _one_hot_ish(y), groups=groups, n_boot=300, seed=1)
+    for name in CLASSES:
+        for key in PER_CLASS_KEYS:
+            assert result["per_class_ci"][name][key] == 1.0, (name, key)
+            assert result["per_class_ci"][name][f"{key}_ci"] == [1.0, 1.0], (name, key)
+            assert 0 < result["per_class_ci"][name]["valid_resamples"][key] <= 300
+    key_class = result["key_class"]
+    assert key_class["sensitivity_ci"] == [1.0, 1.0] and key_class["specificity_ci"] == [1.0, 1.0]
+    assert result["bootstrap"]["n_boot"] == 300 and result["bootstrap"]["unit"] == "group"
+
+
+def test_per_class_intervals_share_the_draws_of_compute_metrics():
+    y, p, groups = _noisy_classifier(120, copies=2, seed=9, signal=1.0)
+    full = compute_metrics(y, p, groups=groups, n_boot=250, seed=4)
+    alone = per_class_metrics(y, p, groups=groups, n_boot=250, seed=4)
+    assert alone["per_class_ci"] == full["per_class_ci"] and alone["key_class"] == full["key_class"]
+    assert full["per_class_ci"]["myeloblast"]["recall_ci"] == full["myeloblast_recall_ci"]
+    assert full["key_class"]["sensitivity_ci"] == full["myeloblast_recall_ci"]
+    assert full["key_class"]["sensitivity"] == full["myeloblast_recall"]
+    # existing keys are unchanged by the new blocks
+    assert set(SCALAR_KEYS) | {"per_class", "confusion_matrix", "bootstrap"} <= set(full)
+    assert set(full["bootstrap"]["valid_resamples"]) == set(SCALAR_KEYS)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
+def test_per_class_intervals_match_sklearn_per_resample():
+    y, p, groups = _noisy_classifier(40, copies=2, seed=10, signal=1.0)
+    fast = per_class_metrics(y, p, groups=groups, n_boot=60, seed=3)["per_class_ci"]
+    pred = p.argmax(axis=1)
+    for c, name in enumerate(CLASSES):
+        slow = {
+            "precision": bootstrap_ci(lambda a, b: precision_score(a == c, b == c, zero_division=np.nan),
+                                      y, pred, groups=groups, n_boot=60, seed=3),
+            "recall": bootstrap_ci(lambda a, b: recall_score(a == c, b == c, zero_division=np.nan),
+                                   y, pred, groups=groups, n_boot=60, seed=3),
+            "f1": bootstrap_ci(lambda a, b: f1_score(a == c, b == c, zero_division=np.nan),
+                               y, pred, groups=groups, n_boot=60, seed=3),
+            "specificity": bootstrap_ci(lambda a, b: recall_score(a != c, b != c, zero_division=np.nan),
+                                        y, pred, groups=groups, n_boot=60, seed=3),
+        }
+        for key, interval in slow.items():
+            assert fast[name][f"{key}_ci"] == pytest.approx(interval, abs=1e-12), (name, key)
+
+
+def test_undefined_per_class_rates_are_nan_not_zero():
+    y = np.array([0, 0, 1, 1, 2, 4])  # no myeloblast; nothing predicted as monocyte
+    pred = np.array([0, 1, 1, 1, 0, 4])
+    result = per_class_metrics(y, _one_hot_ish(pred), n_boot=50)["per_class_ci"]
+    assert math.isnan(result["myeloblast"]["recall"]) and math.isnan(result["myeloblast"]["precision"])
+    assert math.isnan(result["myeloblast"]["f1"]) and result["myeloblast"]["specificity"] == 1.0
+    assert math.isnan(result["monocyte"]["precision"]) and result["monocyte"]["recall"] == 0.0
+    assert result["monocyte"]["f1"] == 0.0  # a present class never found: F1 is 0, as macro-F1 counts it
+    assert all(math.isnan(v) for v in result["myeloblast"]["recall_ci"])
+    assert result["myeloblast"]["valid_resamples"]["recall"] == 0
+
+
+# --- Brier score and classwise ECE --------------------------------------------------------------------------
+
+
+def test_brier_score_by_hand_and_against_sklearn():
+    assert brier_score([0, 1], np.eye(5)[[0, 1]]) == 0.0
+    assert brier_score([0], np.eye(5)[[1]]) == pytest.approx(2.0)  # sure and wrong: 1 + 1
+    assert brier_score([2], np.full((1, 5), 0.2)) == pytest.approx(0.8)  # 0.8² + 4 · 0.2²
+    # HAND: right at c → 1.25·(1 − c)²; wrong at 0.45 → (1 − 0.1375)² + 0.45² + 3 · 0.1375² = 1.003125
+    expected = (4 * 1.25 * 0.35 ** 2 + 2 * 1.25 * 0.15 ** 2 + 2 * 1.003125) / 8  # = 0.334375
+    assert brier_score(HAND_Y, HAND_P) == pytest.approx(expected)
+    assert brier_score(HAND_Y, HAND_P) == pytest.approx(brier_score_loss(HAND_Y, HAND_P, labels=list(range(5))))
+
+
+def test_classwise_ece_by_hand():
+    # Two images, labels 0 and 1, both predicted [0.62, 0.095, 0.095, 0.095, 0.095]: each column sits in one bin.
+    # class 0: |½ − 0.62| = 0.12; class 1: |½ − 0.095| = 0.405; classes 2-4: |0 − 0.095| each → mean 0.81 / 5
+    p = np.array([[0.62, 0.095, 0.095, 0.095, 0.095]] * 2)
+    assert classwise_ece([0, 1], p) == pytest.approx(0.162)
+    assert expected_calibration_error([0, 1], p) == pytest.approx(0.12)
+    # Uniform predictions on one image of each class are calibrated in every column (and top-1: argmax 0, 1 in 5)
+    assert classwise_ece(list(range(5)), np.full((5, 5), 0.2)) == pytest.approx(0.0, abs=1e-12)
+    assert classwise_ece([0, 1], p, n_bins=1) == pytest.approx(0.162)
+
+
+def test_calibration_scores_and_their_paired_kernels():
+    y, pa, pb, groups = _copied_cells(np.random.default_rng(12), 0.9, 0.7)
+    scores = calibration_scores(y, pa)
+    assert scores == pytest.approx({"ece": expected_calibration_error(y, pa), "classwise_ece": classwise_ece(y, pa),
+                                    "brier": brier_score(y, pa), "log_loss": log_loss(y, pa, labels=list(range(5))),
+                                    "accuracy": accuracy_score(y, pa.argmax(axis=1))})
+    for key, score in (("brier", brier_score), ("classwise_ece", classwise_ece)):
+        result = paired_comparison(y, pa, pb, groups, metric=key, n_boot=120, seed=6, n_perm=0)
+        assert result["delta"] == pytest.approx(score(y, pa) - score(y, pb))
+        # the weighted kernel equals the plain function on every resampled data set
+        slow = bootstrap_ci(lambda yy, a, b: score(yy, a) - score(yy, b), y, pa, pb, groups=groups, n_boot=120, seed=6)
+        assert result["ci"] == pytest.approx(slow, abs=1e-12), key
