@@ -91,29 +91,70 @@ def run_leakage(output: Path, arch: str, profile: str, epochs: int | None) -> tu
         return f"leakage ({arch})", False, time.perf_counter() - start, f"{exc.__class__.__name__}: {exc}"
 
 
+def check_arguments(args: argparse.Namespace) -> Path:
+    """Refuse arguments that would fail inside every notebook, before any kernel starts; return the output folder.
+
+    Raises BloodcellError (DatasetError, ConfigError, OutputError) with a message saying what to fix.
+    """
+    from bloodcell_lib.atomic import write_text
+    from bloodcell_lib.dataset import find_data_root
+    from bloodcell_lib.errors import ConfigError
+
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1, got {args.epochs}.")
+    if args.data_dir is not None:
+        find_data_root(args.data_dir)  # DatasetError: missing, a file, or no class folders in it
+    output = Path(args.output).expanduser().resolve()
+    probe = write_text(output / "executed_notebooks" / ".writable", "")  # OutputError: a file, read-only, full
+    probe.unlink()
+    return output
+
+
+def comparison_row(row: tuple[str, bool, float, str], output: Path, since: float) -> tuple[str, bool, float, str]:
+    """The Comparison's summary row: a comparison without any model results of this run is a failure of the run."""
+    name, ok, seconds, error = row
+    models = [p for p in output.glob("*_results.json")
+              if not p.name.startswith("shortcut_baseline") and p.stat().st_mtime >= since - 2]
+    if ok and not models:
+        error = f"no model results: no model notebook of this run wrote its results to {output}"
+        print(f"  {name}: {error}", flush=True)
+        return name, False, seconds, error
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the chosen model notebooks, then the Comparison; return 0 only when all succeeded."""
+    """Run the chosen model notebooks, then the Comparison; return 0 only when all succeeded (2: bad arguments)."""
+    from bloodcell_lib.config import resolve_profile
+    from bloodcell_lib.errors import BloodcellError, ConfigError
+
     args = parse_args(argv)
-    output = Path(args.output).resolve()
-    executed = output / "executed_notebooks"
-    executed.mkdir(parents=True, exist_ok=True)
     models = choose_models(args.models, model_notebooks())
-    profile = args.profile
-    if profile == "auto":
-        profile = "paper" if args.data_dir else "demo"
+    try:
+        output = check_arguments(args)
+        # Explicit beats implicit: --profile wins; BLOODCELL_PROFILE only replaces "auto".
+        profile, why = resolve_profile(args.profile, default="paper" if args.data_dir else "demo")
+        if profile == "paper" and not args.data_dir:
+            raise ConfigError("The paper profile trains on the real dataset: pass --data-dir with the Kaggle folder, "
+                              "or choose --profile demo (a synthetic stand-in).")
+    except BloodcellError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    executed = output / "executed_notebooks"
     if args.data_dir is None and len(sys.argv if argv is None else argv) <= 1:
         print("No arguments: running the main job on the embedded default — the demo profile on a generated "
               "synthetic set. Pass --data-dir with the Kaggle folder for the real study.")
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
     parameters = {"DATA_DIR": data_dir, "PROFILE": profile, "EPOCHS": args.epochs, "OUTPUT_DIR": str(output)}
-    print(f"Profile {profile}; output {output}; {len(models)} model notebook(s)"
+    print(f"Profile {profile} ({why}); output {output}; {len(models)} model notebook(s)"
           f"{', a leakage run' if args.leakage else ''} then Comparison.")
 
     total = len(models) + 1
+    started = time.time()
     results = [run_step(i, total, source, executed, parameters) for i, source in enumerate(models.values(), 1)]
     if args.leakage:
         results.append(run_leakage(output, args.leakage, profile, args.epochs))
-    results.append(run_step(total, total, NOTEBOOKS / "Comparison.ipynb", executed, {"OUTPUT_DIR": str(output)}))
+    results.append(comparison_row(
+        run_step(total, total, NOTEBOOKS / "Comparison.ipynb", executed, {"OUTPUT_DIR": str(output)}), output, started))
 
     failed = [r for r in results if not r[1]]
     print("\nSummary")

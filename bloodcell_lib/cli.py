@@ -8,10 +8,13 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from bloodcell_lib.errors import BloodcellError
+from bloodcell_lib.atomic import describe_os_error
+from bloodcell_lib.errors import BloodcellError, TrainingInterrupted
 
-# Exit codes: 0 ok, 1 unexpected failure, 2 bad input the user can fix (missing class, bad split...).
+# Exit codes: 0 ok, 1 unexpected failure, 2 bad input the user can fix (missing class, bad split, unwritable
+# output...), 130 stopped with Ctrl-C (the shell's convention for SIGINT).
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -59,6 +62,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         weights=args.weights, output_dir=args.output, seed=args.seed,
         run_eagerly=True if args.eager else None,
     )
+    print(f"Profile {cfg.profile} ({cfg.extra['profile_source']})")
     result = train_from_config(cfg)
     print(f"Model saved to {result.model_path}")
     return 0
@@ -94,7 +98,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     comparison = compare_results(args.results_dir)
     print(comparison.to_markdown())
     paths = comparison.save(args.results_dir)
-    print(f"Saved {paths['csv']} and {paths['markdown']}")
+    print("Saved " + ", ".join(str(path) for path in paths.values()))
     return 0
 
 
@@ -178,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="imagenet | none | PATH to a weights file")
     p.add_argument("--output", help="output folder (default 'Saved Models')")
     p.add_argument("--seed", type=int)
-    p.add_argument("--profile", default="paper", help="paper | demo | smoke presets")
+    p.add_argument("--profile", help="paper | demo | smoke presets (default: $BLOODCELL_PROFILE, else paper)")
     p.add_argument("--eager", action="store_true", help="run eagerly (skips graph tracing; faster on tiny CPU runs)")
 
     p = add("evaluate", "Evaluate a saved model on a split: metrics with intervals, Grad-CAM numbers, cost.", _cmd_evaluate)
@@ -222,9 +226,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.handler(args)
+    except TrainingInterrupted as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BloodcellError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # output piped into `head` and closed early: not an error of ours
         sys.stderr.close()
         return 0
+    except OSError as exc:  # a path the library did not wrap (a folder given for a file, a full disk...)
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing half-written was kept (every file is written atomically).", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -125,14 +125,32 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def profile_config(profile: str | None = None, **overrides: Any) -> RunConfig:
-    """Return the RunConfig of a named profile; BLOODCELL_PROFILE in the environment wins over `profile`."""
-    name = os.environ.get(PROFILE_ENV) or profile or "paper"
-    name = name.strip().casefold()
+AUTO = "auto"
+
+
+def resolve_profile(profile: str | None, default: str = "paper") -> tuple[str, str]:
+    """Return (profile name, why it was chosen). Explicit beats implicit: a given profile wins; BLOODCELL_PROFILE
+    only replaces an unset one or "auto"; else `default`."""
+    env = (os.environ.get(PROFILE_ENV) or "").strip().casefold()
+    given = (profile or "").strip().casefold()
+    if given and given != AUTO:
+        name = given
+        why = "given explicitly" + (f" (it wins over {PROFILE_ENV}={env})" if env and env != given else "")
+    elif env:
+        name, why = env, f"from the environment variable {PROFILE_ENV}"
+    else:
+        name, why = default, "the default"
     if name not in PROFILES:
-        raise ConfigError(f"Unknown profile {name!r}; choose one of: {', '.join(PROFILES)}.")
+        raise ConfigError(f"Unknown profile {name!r} ({why}); choose one of: {', '.join(PROFILES)}.")
+    return name, why
+
+
+def profile_config(profile: str | None = None, **overrides: Any) -> RunConfig:
+    """Return the RunConfig of a named profile (see resolve_profile); extra["profile_source"] says why that one."""
+    name, why = resolve_profile(profile)
     values = {**PROFILES[name], **{k: v for k, v in overrides.items() if v is not None}}
     values["profile"] = name
+    values["extra"] = {**dict(values.get("extra") or {}), "profile_source": why}
     try:
         return RunConfig(**values)
     except TypeError as exc:

@@ -40,3 +40,15 @@ class ModelError(BloodcellError):
 class ProvenanceError(BloodcellError):
     """Artefacts that must belong together do not: a model and a split it was not trained on, or a split and a
     dataset folder that no longer holds the images it names."""
+
+
+class OutputError(BloodcellError):
+    """A result cannot be written: the output path is a file, read-only, full, or another run holds it."""
+
+
+class TrainingInterrupted(BloodcellError):
+    """Training was stopped by the user (Ctrl-C); the finished epochs are saved and a rerun resumes."""
+
+    def __init__(self, message: str, epochs_done: int = 0) -> None:
+        super().__init__(message)
+        self.epochs_done = epochs_done

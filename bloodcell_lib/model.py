@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import zipfile
 from pathlib import Path
 
 import keras
@@ -27,6 +28,9 @@ INPUT_NAME = "image"
 DOWNLOAD_TIMEOUT_S = 10.0
 # Where keras.applications downloads ImageNet weights from.
 KERAS_WEIGHTS_HOST = ("storage.googleapis.com", 443)
+# Largest input side, as a multiple of the native one: activations grow with the square of the side, so at twice
+# the native size a batch of 32 already fills a 16 GB GPU, and a blood-cell crop holds no more detail to find.
+MAX_SIZE_FACTOR = 2
 
 
 def build_model(
@@ -69,6 +73,13 @@ def check_image_size(spec: ArchSpec, image_size: int | str | None) -> int:
         raise ConfigError(
             f"{spec.display_name} needs images of at least {spec.min_size}×{spec.min_size} pixels, "
             f"got {size}; use image_size >= {spec.min_size} or 'native' ({spec.native_size})."
+        )
+    largest = MAX_SIZE_FACTOR * spec.native_size
+    if size > largest:
+        raise ConfigError(
+            f"image size {size} is too large for {spec.display_name}: the limit is {largest} pixels "
+            f"({MAX_SIZE_FACTOR}× its native {spec.native_size}); beyond it training runs out of memory. "
+            f"Use image_size <= {largest} or 'native'."
         )
     return size
 
@@ -115,14 +126,22 @@ def model_image_size(model: keras.Model) -> int:
 def load_trained_model(path: str | Path) -> tuple[keras.Model, ArchSpec]:
     """Load a saved `.keras` model (safe_mode=True) and return it with its ArchSpec (found from the model name)."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder, not a model file; pass the `.keras` file inside it "
+                         "(e.g. 'Saved Models/efficientnetb3.keras').")
     if not path.is_file():
         raise ModelError(f"No model file at {path}; train one with `python -m bloodcell_lib train` first.")
+    if not zipfile.is_zipfile(path):  # Keras would call this "File not found", which it is not
+        raise ModelError(
+            f"{path} is not a Keras 3 `.keras` archive (not a zip file: corrupt, truncated, or another format "
+            "such as .h5); retrain it or restore it from a copy."
+        )
     try:
         model = keras.models.load_model(path, safe_mode=True)
     except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors... for a bad archive
         raise ModelError(
-            f"Cannot load the model file {path}: {exc}. The file is corrupt, truncated or not a Keras 3 "
-            "`.keras` archive; retrain it or restore it from a copy."
+            f"Cannot load the model file {path}: {_first_line(exc)}. The file is corrupt, truncated or not a "
+            "Keras 3 `.keras` archive; retrain it or restore it from a copy."
         ) from exc
     try:
         spec = get_arch(model.name)
@@ -131,7 +150,24 @@ def load_trained_model(path: str | Path) -> tuple[keras.Model, ArchSpec]:
             f"The model in {path} is named {model.name!r}, which is no registry architecture; "
             "models built by build_model are named after their architecture key."
         ) from None
+    check_model_fits_study(model, path)
     return model, spec
+
+
+def check_model_fits_study(model: keras.Model, where: str | Path = "the model") -> None:
+    """Refuse a model whose output is not one probability per class of this study or whose input is not RGB."""
+    inputs, outputs = model.input_shape, model.output_shape
+    if isinstance(inputs, list) or len(inputs) != 4 or inputs[-1] != 3 or inputs[1] != inputs[2] or not inputs[1]:
+        raise ModelError(
+            f"The model in {where} takes inputs of shape {inputs}; this study feeds square RGB images "
+            "(None, size, size, 3). Use a model trained with `python -m bloodcell_lib train`."
+        )
+    if isinstance(outputs, list) or len(outputs) != 2 or outputs[-1] != len(CLASSES):
+        raise ModelError(
+            f"The model in {where} has output shape {outputs}, but this study has {len(CLASSES)} classes "
+            f"({', '.join(CLASSES)}); it was trained for another task. Use a model trained with "
+            "`python -m bloodcell_lib train`."
+        )
 
 
 def _build_base(spec: ArchSpec, inputs: keras.KerasTensor, weights: str | Path | None) -> keras.KerasTensor:

@@ -34,10 +34,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from bloodcell_lib.atomic import atomic_path, write_bytes, write_json
+from bloodcell_lib.atomic import TEMP_MARK, atomic_path, remove_stale_temporaries, write_bytes, write_json
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.config import RunConfig
-from bloodcell_lib.errors import ConfigError, ModelError, SplitError
+from bloodcell_lib.errors import ConfigError, ModelError, SplitError, TrainingInterrupted
+from bloodcell_lib.lock import run_lock
 from bloodcell_lib.model import base_layers, build_model, check_image_size, describe_weights, head_layers
 from bloodcell_lib.registry import get_arch
 from bloodcell_lib.split import SPLIT_FILE
@@ -67,7 +68,23 @@ class TrainResult:
 def train_from_config(
     cfg: RunConfig, verbose: int = 1, callbacks: Iterable[keras.callbacks.Callback] = ()
 ) -> TrainResult:
-    """Make or load the split, build the model, fine-tune it in two phases, save model, history and split."""
+    """Make or load the split, build the model, fine-tune it in two phases, save model, history and split.
+
+    One run per output folder and architecture at a time (a lock file); a second is refused, naming the first.
+    """
+    spec = get_arch(cfg.arch)
+    check_image_size(spec, cfg.image_size)  # a size that cannot fit is refused before anything is written
+    with run_lock(cfg.output_path, spec.key, verbose):
+        # A run killed while saving leaves its temporary files (a model's is 80-300 MB): ours, as we hold the lock.
+        for stem in (spec.key, f"{spec.key}_training_history"):
+            for path in remove_stale_temporaries(cfg.output_path, stem):
+                if verbose:
+                    print(f"Removed {path.name}, left by a run killed while saving.")
+        return _train_locked(cfg, verbose, callbacks)
+
+
+def _train_locked(cfg: RunConfig, verbose: int, callbacks: Iterable[keras.callbacks.Callback]) -> TrainResult:
+    """train_from_config's work, run while holding the output folder's lock."""
     from bloodcell_lib.pipeline import class_weights, make_dataset
     from bloodcell_lib.split import dataset_fingerprint, split_sha256
 
@@ -158,40 +175,50 @@ def fine_tune(
     monitor = "val_loss" if val_data is not None else "loss"
     journal = _Journal(resume_dir, _fingerprint(model, cfg, unfreeze, resume_key), verbose)
     keras.utils.set_random_seed(cfg.seed)
-    end = 0
-    for phase, (epochs, lr) in enumerate(zip(cfg.phase_epochs, (cfg.head_lr, cfg.finetune_lr)), start=1):
-        if epochs == 0:
-            continue
-        end += epochs
-        prepare_phase(model, phase, unfreeze)
-        with model.distribute_strategy.scope():
-            model.compile(
-                optimizer=keras.optimizers.Adam(learning_rate=lr), loss="sparse_categorical_crossentropy",
-                metrics=["accuracy"], run_eagerly=cfg.run_eagerly,
-            )
-        if journal.phase_done(phase):
-            journal.load_final(model, phase)
-            continue
-        early = _ResumableEarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True,
-                                        verbose=min(verbose, 1))
-        reduce_lr = _ResumableReduceLR(monitor=monitor, factor=_LR_FACTOR, patience=max(1, cfg.patience // 2),
-                                       min_lr=_MIN_LR, verbose=min(verbose, 1))
-        start = journal.restore_progress(model, phase, early, reduce_lr)
-        if start < end and not journal.stopped(phase):
-            if verbose:
-                what = "the head on the frozen base" if phase == 1 else (
-                    f"the top {unfreeze} base layers (BatchNorm frozen) and the head")
-                print(f"Phase {phase}: training {what} — {trainable_param_count(model, phase, unfreeze):,} "
-                      f"parameters, learning rate {lr:g}, epochs {start + 1}–{end} of {cfg.epochs}")
-            recorder = _EpochRecorder(journal, phase, early, reduce_lr)
-            model.fit(
-                train_data, validation_data=val_data, epochs=end, initial_epoch=start,
-                class_weight=dict(class_weight) if class_weight else None, shuffle=False,  # the pipeline shuffles
-                callbacks=[*callbacks, early, reduce_lr, recorder], verbose=verbose,
-            )
-        else:  # killed after the phase's last epoch was committed: finish it as EarlyStopping would have
-            journal.load_best(model, phase)
-        journal.finish_phase(model, phase)
+    try:
+        end = 0
+        for phase, (epochs, lr) in enumerate(zip(cfg.phase_epochs, (cfg.head_lr, cfg.finetune_lr)), start=1):
+            if epochs == 0:
+                continue
+            end += epochs
+            prepare_phase(model, phase, unfreeze)
+            with model.distribute_strategy.scope():
+                model.compile(
+                    optimizer=keras.optimizers.Adam(learning_rate=lr), loss="sparse_categorical_crossentropy",
+                    metrics=["accuracy"], run_eagerly=cfg.run_eagerly,
+                )
+            if journal.phase_done(phase):
+                journal.load_final(model, phase)
+                continue
+            early = _ResumableEarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True,
+                                            verbose=min(verbose, 1))
+            reduce_lr = _ResumableReduceLR(monitor=monitor, factor=_LR_FACTOR, patience=max(1, cfg.patience // 2),
+                                           min_lr=_MIN_LR, verbose=min(verbose, 1))
+            start = journal.restore_progress(model, phase, early, reduce_lr)
+            if start < end and not journal.stopped(phase):
+                if verbose:
+                    what = "the head on the frozen base" if phase == 1 else (
+                        f"the top {unfreeze} base layers (BatchNorm frozen) and the head")
+                    print(f"Phase {phase}: training {what} — {trainable_param_count(model, phase, unfreeze):,} "
+                          f"parameters, learning rate {lr:g}, epochs {start + 1}–{end} of {cfg.epochs}")
+                recorder = _EpochRecorder(journal, phase, early, reduce_lr)
+                model.fit(
+                    train_data, validation_data=val_data, epochs=end, initial_epoch=start,
+                    # shuffle=False: the pipeline shuffles
+                    class_weight=dict(class_weight) if class_weight else None, shuffle=False,
+                    callbacks=[*callbacks, early, reduce_lr, recorder], verbose=verbose,
+                )
+            else:  # killed after the phase's last epoch was committed: finish it as EarlyStopping would have
+                journal.load_best(model, phase)
+            journal.finish_phase(model, phase)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(journal.interrupted_message(), journal.committed) from None
+    except tf.errors.ResourceExhaustedError as exc:
+        raise ConfigError(
+            f"Out of memory while training {spec.display_name} at {model.input_shape[1]} px, batch size "
+            f"{cfg.batch_size} ({_first_line(exc)}). {journal.progress_note()} Lower the batch size "
+            "(--batch-size / BATCH_SIZE) or the image size and run again."
+        ) from None
     history = journal.history()
     history["meta"] = {
         "epochs": {"phase1": history["phase"].count(1), "phase2": history["phase"].count(2),
@@ -389,23 +416,76 @@ class _Journal:
         self.verbose = verbose
         self.resumed_from: int | None = None
         self.state: dict[str, Any] = {"version": _STATE_VERSION, "fingerprint": fingerprint, "rows": [], "phases": {}}
-        if self.folder is None or not (self.folder / _STATE_FILE).exists():
+        self.committed = 0  # epochs whose state.json is on disk
+        if self.folder is None or not self.folder.is_dir():
+            return
+        for path in self.folder.glob(f".*{TEMP_MARK}*"):  # a snapshot or state half-written when a run was killed
+            path.unlink(missing_ok=True)
+        if not (self.folder / _STATE_FILE).exists():
             return
         try:
             saved = json.loads((self.folder / _STATE_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            self._say(f"Ignoring unreadable resume state in {self.folder} ({exc}); starting afresh.")
-            saved = None
-        if saved and saved.get("version") == _STATE_VERSION and saved.get("fingerprint") == json.loads(
-            json.dumps(fingerprint)
-        ):
-            self.state = saved
-            self.resumed_from = self.epochs_done()
-            self._say(f"Resuming after epoch {self.resumed_from} from the state saved in {self.folder}.")
-        else:
-            if saved:
-                self._say(f"Resume state in {self.folder} belongs to a run with other settings; starting afresh.")
-            shutil.rmtree(self.folder, ignore_errors=True)
+            self._set_aside(f"its {_STATE_FILE} is unreadable ({exc})")
+            return
+        fingerprint = json.loads(json.dumps(fingerprint))
+        if not isinstance(saved, dict) or saved.get("version") != _STATE_VERSION:
+            self._set_aside("it was written by another version of this library")
+            return
+        if saved.get("fingerprint") != fingerprint:
+            # Never delete saved progress implicitly: a rerun with e.g. a smaller batch after running out of memory
+            # starts afresh, and the old progress stays where the user can take it back.
+            old = saved.get("fingerprint") or {}
+            differ = ", ".join(f"{k} {old.get(k)!r} → {fingerprint.get(k)!r}"
+                               for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k))
+            self._set_aside(f"it belongs to a run with other settings ({differ})",
+                            "To resume it instead, rerun with the old settings after moving it back. ")
+            return
+        damaged = self._damaged_snapshot(saved)
+        if damaged:
+            self._set_aside(f"its snapshot {damaged}")
+            return
+        self.state = saved
+        self.committed = self.resumed_from = self.epochs_done()
+        self._say(f"Resuming after epoch {self.resumed_from} from the state saved in {self.folder}.")
+
+    def _damaged_snapshot(self, saved: dict) -> str | None:
+        """Return a description of the first referenced snapshot that cannot be read back, or None."""
+        names = {v for info in (saved.get("phases") or {}).values() if isinstance(info, dict)
+                 for k, v in info.items() if k in ("latest", "best", "final") and v}
+        for name in sorted(names):
+            try:
+                with np.load(self.folder / name, allow_pickle=False) as data:
+                    for key in data.files:
+                        data[key]  # reads and CRC-checks every array
+            except Exception as exc:  # noqa: BLE001 — BadZipFile, EOFError, ValueError, OSError, KeyError...
+                return f"{name} is damaged ({type(exc).__name__}: {_first_line(exc)})"
+        return None
+
+    def _set_aside(self, why: str, how: str = "") -> None:
+        """Move the saved progress out of the way (never delete it) and say where it went."""
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        aside = self.folder.with_name(f"{self.folder.name}.set-aside-{stamp}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.folder.with_name(f"{self.folder.name}.set-aside-{stamp}-{n}")
+        self.folder.rename(aside)
+        print(f"The saved progress in {self.folder} was not used: {why}. It was kept in {aside}; training starts "
+              f"from epoch 1. {how}Delete {aside} to discard it.")
+
+    def interrupted_message(self) -> str:
+        """What to tell a user who pressed Ctrl-C."""
+        if self.folder is None:
+            return f"interrupted after epoch {self.committed}; nothing was saved to resume from (no resume folder)."
+        return (f"interrupted after epoch {self.committed}; run the same command again to resume (in a notebook, "
+                f"run the training cell again). The finished epochs are saved in {self.folder}.")
+
+    def progress_note(self) -> str:
+        if self.folder is None or not self.committed:
+            return "No epoch had finished."
+        return (f"Epochs 1–{self.committed} are saved in {self.folder}; a rerun with the same settings resumes, one "
+                "with other settings keeps them aside.")
 
     # -- reading ------------------------------------------------------------------------------------------
     def epochs_done(self) -> int:
@@ -489,8 +569,10 @@ class _Journal:
 
     def _commit(self) -> None:
         if self.folder is None:  # nothing to resume from: snapshots are only needed on disk
+            self.committed = self.epochs_done()
             return
         write_json(self.folder / _STATE_FILE, self.state)
+        self.committed = self.epochs_done()
         referenced = {v for info in self.state["phases"].values() for k, v in info.items()
                       if k in ("latest", "best", "final") and v}
         for path in self.folder.glob("*.npz"):
@@ -514,6 +596,11 @@ class _Journal:
     def _say(self, message: str) -> None:
         if self.verbose:
             print(message)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _plain_float(value: Any) -> float | None:

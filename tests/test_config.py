@@ -22,10 +22,26 @@ def test_image_size_text_is_parsed():
         RunConfig(image_size="big")
 
 
-def test_environment_profile_overrides_notebook_default(monkeypatch):
+def test_environment_profile_overrides_only_an_unset_or_auto_profile(monkeypatch):
     monkeypatch.setenv("BLOODCELL_PROFILE", "smoke")
+    for implicit in (None, "auto"):
+        cfg = profile_config(implicit, arch="vgg16")
+        assert cfg.profile == "smoke" and cfg.epochs == PROFILES["smoke"]["epochs"] and cfg.arch == "vgg16"
+        assert "BLOODCELL_PROFILE" in cfg.extra["profile_source"]
+    # Explicit beats implicit: a profile the user typed is never replaced silently, and the notice says so.
     cfg = profile_config("paper", arch="vgg16")
-    assert cfg.profile == "smoke" and cfg.epochs == PROFILES["smoke"]["epochs"] and cfg.arch == "vgg16"
+    assert cfg.profile == "paper" and "wins over BLOODCELL_PROFILE=smoke" in cfg.extra["profile_source"]
+
+
+def test_notebook_auto_profile_follows_the_environment_and_explicit_wins(monkeypatch, tmp_path):
+    from bloodcell_lib.study import configure, describe
+
+    monkeypatch.setenv("BLOODCELL_PROFILE", "smoke")
+    data = tmp_path / "data"
+    data.mkdir()
+    assert configure("vgg16", profile="auto", data_dir=str(data), output_dir=str(tmp_path)).profile == "smoke"
+    cfg = configure("vgg16", profile="paper", data_dir=str(data), output_dir=str(tmp_path))
+    assert cfg.profile == "paper" and "Profile      : paper (given explicitly" in describe(cfg)
 
 
 def test_unknown_profile_is_a_clear_error():

@@ -28,13 +28,46 @@ def test_models_are_chosen_by_key_or_notebook_name():
         run_all.choose_models(["lenet"], available)
 
 
-def test_a_failing_notebook_does_not_stop_the_comparison(tmp_path):
-    run = _run("--profile", "paper", "--data-dir", str(tmp_path / "no such folder"), "--models", "vgg16",
-               "--output", str(tmp_path / "OUT"))
+def _too_small_dataset(root: Path) -> Path:
+    """Class folders with one image each: a dataset by its layout, too small to split inside the notebook."""
+    from PIL import Image
+
+    from bloodcell_lib.classes import CLASSES
+
+    for name in CLASSES:
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (200, 100, 150)).save(root / name / "a.png")
+    return root
+
+
+@pytest.mark.slow  # two papermill kernels
+def test_a_failing_notebook_does_not_stop_the_comparison_which_fails_without_model_results(tmp_path):
+    data = _too_small_dataset(tmp_path / "data")
+    run = _run("--profile", "smoke", "--data-dir", str(data), "--models", "vgg16", "--output", str(tmp_path / "OUT"))
     assert run.returncode == 1
     assert "FAILED" in run.stdout and "VGG16.ipynb" in run.stdout
-    assert "Comparison.ipynb ok" in run.stdout
+    # The Comparison ran, but a comparison of no model is a failure of the run, not "ok".
     assert (tmp_path / "OUT" / "executed_notebooks" / "Comparison.ipynb").exists()
+    summary = run.stdout.split("Summary", 1)[1]
+    assert "FAILED Comparison.ipynb" in summary and "no model results" in summary
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--data-dir", "{tmp}/no such folder"], "does not exist"),
+    (["--data-dir", "{tmp}"], "No class folders found"),
+    (["--epochs", "0", "--profile", "smoke"], "--epochs must be at least 1"),
+    (["--output", "{tmp}/a file", "--profile", "smoke"], "is a file, not a folder"),
+    (["--profile", "paper"], "pass --data-dir"),
+])
+def test_bad_arguments_are_refused_before_any_kernel_starts(tmp_path, capsys, monkeypatch, args, fragment):
+    (tmp_path / "a file").write_text("x")
+    monkeypatch.setattr(run_all, "run_notebook", lambda *a, **k: pytest.fail("a kernel was started"))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--output" not in argv:
+        argv += ["--output", str(tmp_path / "OUT")]
+    assert run_all.main(argv + ["--models", "vgg16"]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
 
 
 def test_smoke_run_of_one_model_writes_everything(tmp_path):

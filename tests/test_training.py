@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from bloodcell_lib.config import RunConfig
-from bloodcell_lib.errors import ConfigError, SplitError
+from bloodcell_lib.errors import ConfigError, OutputError, SplitError, TrainingInterrupted
 from bloodcell_lib.model import base_layers, build_model, head_layers, load_trained_model
 from bloodcell_lib.registry import ARCHITECTURES
 from bloodcell_lib.synthetic import make_synthetic_dataset
@@ -231,7 +231,7 @@ def test_a_run_interrupted_between_phases_skips_the_finished_phase(tmp_path):
     data = _tiny_data(spec)
     cfg = RunConfig(arch=spec.key, epochs=2, image_size=32, weights=None, run_eagerly=True)
     first = build_model(spec.key, image_size=32, weights=None)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(TrainingInterrupted, match="interrupted after epoch 1; run the same command again"):
         fine_tune(first, data, data, cfg, resume_dir=tmp_path, verbose=0, callbacks=[_Interrupt(epoch=2)])
     after_phase1 = _layer_weights(first)
 
@@ -245,16 +245,23 @@ def test_a_run_interrupted_between_phases_skips_the_finished_phase(tmp_path):
                for layer in base_layers(fresh)[:-spec.unfreeze_layers])
 
 
-def test_resume_state_of_other_settings_is_not_used(tmp_path):
+def test_resume_state_of_other_settings_is_not_used_and_is_kept_aside(tmp_path, capsys):
     spec = ARCHITECTURES["vgg16"]
     data = _tiny_data(spec)
+    resume = tmp_path / "resume"
     cfg = RunConfig(arch=spec.key, epochs=2, image_size=32, weights=None, run_eagerly=True)
-    with pytest.raises(KeyboardInterrupt):
-        fine_tune(build_model(spec.key, image_size=32, weights=None), data, None, cfg, resume_dir=tmp_path,
+    with pytest.raises(TrainingInterrupted, match="interrupted after epoch 1; run the same command again"):
+        fine_tune(build_model(spec.key, image_size=32, weights=None), data, None, cfg, resume_dir=resume,
                   verbose=0, callbacks=[_Interrupt(epoch=2)])
-    history = fine_tune(build_model(spec.key, image_size=32, weights=None), data, None, cfg.replace(head_lr=0.01),
-                        resume_dir=tmp_path, verbose=0)
+    saved = sorted(p.name for p in resume.iterdir())
+    history = fine_tune(build_model(spec.key, image_size=32, weights=None), data, None, cfg.replace(batch_size=8),
+                        resume_dir=resume, verbose=0)
     assert history["meta"]["resumed_from_epoch"] is None and history["epoch"] == [1, 2]
+    # Saved progress is never deleted implicitly: it is kept aside, and the notice says what differs and where.
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("resume.set-aside-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == saved
+    out = capsys.readouterr().out
+    assert "batch_size 32 → 8" in out and str(aside[0]) in out and f"Delete {aside[0]}" in out
 
 
 def test_mirrored_strategy_on_two_logical_cpus(children):
@@ -290,7 +297,7 @@ def test_a_crash_while_saving_leaves_the_previous_model_intact(tmp_path, monkeyp
         raise OSError("disk full")
 
     monkeypatch.setattr(keras.Model, "save", crashing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="disk full"):
         save_model(model, path)
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["vgg16.keras"]
