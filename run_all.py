@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nSummary")
     for name, ok, seconds, error in results:
         print(f"  {'ok    ' if ok else 'FAILED'} {name:24s} {seconds:7.0f} s {error}")
-    print(f"Executed notebooks in {executed}; comparison table in {output / 'comparison.md'}")
+    print(f"Executed notebooks in {executed}; comparison table in {output / 'comparison.md'}; "
+          f"report in {output / 'comparison.html'}")
     return 1 if failed else 0
 
 

@@ -310,24 +310,17 @@ def missing_table(comparison) -> pd.DataFrame:
 
 
 def show_metric_bars(comparison, metric: str):
-    """Figure: one metric per model with its interval as whiskers."""
-    from bloodcell_lib.figures import plot_bars_with_intervals
+    """Figure: one metric per model with its interval as whiskers (the same figure the HTML report embeds)."""
+    from bloodcell_lib.report import metric_bars
 
-    t = comparison.table.dropna(subset=[metric])
-    if t.empty:
-        return f"No model has a {metric} yet."
-    return plot_bars_with_intervals(t["model"], t[metric].astype(float), t[f"{metric}_ci"].tolist(), metric)
+    return metric_bars(comparison, metric)
 
 
 def show_cost_scatter(comparison, cost_column: str):
-    """Figure: accuracy against a cost column (FLOPs, latency, parameters) for the CNNs."""
-    from bloodcell_lib.figures import plot_scatter
+    """Figure: accuracy against a cost column (FLOPs, latency, parameters) for the CNNs (as in the HTML report)."""
+    from bloodcell_lib.report import cost_scatter
 
-    t = comparison.table.dropna(subset=[cost_column])
-    if t.empty:
-        return f"No model has a measured {cost_column} yet."
-    return plot_scatter(t[cost_column].astype(float), t["accuracy"].astype(float), t["model"], cost_column,
-                        "accuracy", logx=cost_column == "flops_per_image")
+    return cost_scatter(comparison, cost_column)
 
 
 def show_paired_tests(comparison):
@@ -388,3 +381,13 @@ def show_conclusion(comparison):
     from IPython.display import Markdown
 
     return Markdown(comparison.conclusion())
+
+
+def write_report(output_dir: str | Path, comparison=None) -> Path:
+    """Write `comparison.html` into the output folder (self-contained: table, figures, conclusion, configuration,
+    versions), print where it is and return its path. comparison: the folder's, when already built."""
+    from bloodcell_lib.report import write_comparison_report
+
+    path = write_comparison_report(Path(output_dir_override(str(output_dir))), comparison)
+    print(f"HTML report: {path.resolve()}")
+    return path

@@ -214,6 +214,11 @@ run on an image-level split) shows how much a random image split inflates accura
         code("study.shortcut_and_leakage(comparison)"),
         md("## Conclusion"),
         code("study.show_conclusion(comparison)"),
+        md("""## The report
+
+One self-contained page to send to a colleague: the table, the paired tests, these figures, the conclusion,
+the run's configuration and versions, with every figure embedded (no network access needed to open it)."""),
+        code("study.write_report(OUTPUT_DIR, comparison)"),
     ]
 
 

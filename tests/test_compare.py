@@ -457,3 +457,19 @@ def test_the_ensemble_covers_only_the_images_its_members_share(tmp_path):
     comparison = compare_results(tmp_path, expected=[])
     assert comparison.table.set_index("run").loc[ENSEMBLE_RUN, "n_test"] == 80
     assert any(p.startswith("the ensemble covers the 80 test images all of") for p in comparison.problems)
+
+
+def test_compare_command_trains_the_missing_baseline_on_the_studys_split_and_writes_the_report(tmp_path, capsys):
+    from bloodcell_lib.baseline import RUN_NAME
+    from bloodcell_lib.split import SPLIT_FILE, make_split, save_split
+    from bloodcell_lib.synthetic import make_synthetic_dataset
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    make_synthetic_dataset(data, per_class=8, size=48, duplicates=1, seed=2)
+    out.mkdir()
+    save_split(make_split(data, seed=1, progress=False), out / SPLIT_FILE)
+    assert main(["compare", str(out)]) == 0
+    assert (out / f"{RUN_NAME}_results.json").is_file()
+    printed = capsys.readouterr().out
+    assert str(out / "comparison.html") in printed
+    assert pd.read_csv(out / "comparison.csv")["run"].tolist() == [RUN_NAME]
