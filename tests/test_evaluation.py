@@ -179,11 +179,13 @@ def test_cli_evaluate_gives_the_notebooks_intervals_and_records_the_resampling(t
     from bloodcell_lib.split import dataset_fingerprint, split_sha256
 
     cfg, result, split = tiny_study["cfg"], tiny_study["result"], tiny_study["split"]
-    notebook = study.evaluate(cfg.replace(output_dir=str(tmp_path / "notebook")), result, split)
+    study.evaluate(cfg.replace(output_dir=str(tmp_path / "notebook")), result, split)
     assert main(["evaluate", "--model", str(result.model_path), "--split", str(tiny_study["split_a"]),
                  "--output", str(tmp_path / "cli")]) == 0
+    # The files both paths wrote (NaN is null there, so undefined per-class intervals compare equal).
+    notebook = json.loads((tmp_path / "notebook" / "tinynet_results.json").read_text())
     cli = json.loads((tmp_path / "cli" / "tinynet_results.json").read_text())
-    assert _intervals(cli) == _intervals(notebook) and len(_intervals(cli)) == 7
+    assert _intervals(cli) == _intervals(notebook) and len(_intervals(cli)) == 8  # 7 scalars + per_class_ci
     # The smoke profile's resampling (not the paper's 1000): the CLI took it from the model's training run.
     assert notebook["metrics"]["bootstrap"]["n_boot"] == cli["metrics"]["bootstrap"]["n_boot"] == 100
     assert notebook["metrics"]["bootstrap"]["seed"] == cli["metrics"]["bootstrap"]["seed"] == cfg.seed == 42
