@@ -15,14 +15,21 @@ import sys
 import time
 from pathlib import Path
 
+import papermill
+
+from bloodcell_lib.atomic import write_text
+from bloodcell_lib.config import AUTO, DEFAULT_OUTPUT, PROFILES, RunConfig, resolve
+from bloodcell_lib.dataset import find_data_root
+from bloodcell_lib.errors import BloodcellError
+from bloodcell_lib.leakage import measure_leakage
+from bloodcell_lib.registry import ARCHITECTURES
+
 HERE = Path(__file__).resolve().parent
 NOTEBOOKS = HERE / "notebooks"
 
 
 def model_notebooks() -> dict[str, Path]:
     """Registry key → model notebook path, in the registry's order."""
-    from bloodcell_lib.registry import ARCHITECTURES
-
     return {spec.key: NOTEBOOKS / f"{spec.notebook}.ipynb" for spec in ARCHITECTURES.values()}
 
 
@@ -30,10 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options of the main job."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", help="the Kaggle folder; omitted → a synthetic stand-in is generated")
-    parser.add_argument("--profile", default="auto", choices=("auto", "paper", "demo", "smoke"))
+    parser.add_argument("--profile", default=AUTO, choices=(AUTO, *PROFILES),
+                        help="auto (default): $BLOODCELL_PROFILE, else paper with --data-dir and demo without")
     parser.add_argument("--models", nargs="+", help="registry keys or notebook names (default: all five)")
     parser.add_argument("--epochs", type=int, help="total epochs over both phases (default: the profile's)")
-    parser.add_argument("--output", default=str(HERE / "Saved Models"), help="where everything of the run goes")
+    parser.add_argument("--output", help=f"where everything of the run goes (default: $BLOODCELL_OUTPUT, else "
+                                         f"{DEFAULT_OUTPUT} beside run_all.py)")
     parser.add_argument("--leakage", metavar="ARCH",
                         help="also train ARCH on an image-level split to measure how much leakage inflates accuracy")
     return parser.parse_args(argv)
@@ -58,8 +67,6 @@ def choose_models(requested: list[str] | None, available: dict[str, Path]) -> di
 
 def run_notebook(source: Path, target: Path, parameters: dict) -> tuple[bool, float, str]:
     """Execute one notebook with papermill; return (ok, seconds, error text)."""
-    import papermill
-
     start = time.perf_counter()
     try:
         papermill.execute_notebook(str(source), str(target), parameters=parameters, cwd=str(source.parent),
@@ -80,8 +87,6 @@ def run_step(i: int, total: int, source: Path, executed: Path, parameters: dict)
 
 def run_leakage(output: Path, arch: str, profile: str, epochs: int | None) -> tuple[str, bool, float, str]:
     """Train one architecture on an image-level split of the same data; return a summary row."""
-    from bloodcell_lib.study import measure_leakage
-
     print(f"Leakage: training {arch} on an image-level split ...", flush=True)
     start = time.perf_counter()
     try:
@@ -91,23 +96,21 @@ def run_leakage(output: Path, arch: str, profile: str, epochs: int | None) -> tu
         return f"leakage ({arch})", False, time.perf_counter() - start, f"{exc.__class__.__name__}: {exc}"
 
 
-def check_arguments(args: argparse.Namespace) -> Path:
-    """Refuse arguments that would fail inside every notebook, before any kernel starts; return the output folder.
+def check_arguments(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    """Refuse arguments that would fail inside every notebook, before any kernel starts; return the run's
+    configuration (config.resolve: --profile and --output over the environment over the defaults) and its output
+    folder made absolute.
 
     Raises BloodcellError (DatasetError, ConfigError, OutputError) with a message saying what to fix.
     """
-    from bloodcell_lib.atomic import write_text
-    from bloodcell_lib.dataset import find_data_root
-    from bloodcell_lib.errors import ConfigError
-
-    if args.epochs is not None and args.epochs < 1:
-        raise ConfigError(f"--epochs must be at least 1, got {args.epochs}.")
+    cfg = resolve(args.profile, stand_in=True, default_output=str(HERE / DEFAULT_OUTPUT), data_dir=args.data_dir,
+                  epochs=args.epochs, output_dir=args.output)  # ConfigError: epochs < 1, paper without data
     if args.data_dir is not None:
         find_data_root(args.data_dir)  # DatasetError: missing, a file, or no class folders in it
-    output = Path(args.output).expanduser().resolve()
+    output = cfg.output_path.expanduser().resolve()
     probe = write_text(output / "executed_notebooks" / ".writable", "")  # OutputError: a file, read-only, full
     probe.unlink()
-    return output
+    return cfg, output
 
 
 def comparison_row(row: tuple[str, bool, float, str], output: Path, since: float) -> tuple[str, bool, float, str]:
@@ -124,18 +127,10 @@ def comparison_row(row: tuple[str, bool, float, str], output: Path, since: float
 
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen model notebooks, then the Comparison; return 0 only when all succeeded (2: bad arguments)."""
-    from bloodcell_lib.config import resolve_profile
-    from bloodcell_lib.errors import BloodcellError, ConfigError
-
     args = parse_args(argv)
     models = choose_models(args.models, model_notebooks())
     try:
-        output = check_arguments(args)
-        # Explicit beats implicit: --profile wins; BLOODCELL_PROFILE only replaces "auto".
-        profile, why = resolve_profile(args.profile, default="paper" if args.data_dir else "demo")
-        if profile == "paper" and not args.data_dir:
-            raise ConfigError("The paper profile trains on the real dataset: pass --data-dir with the Kaggle folder, "
-                              "or choose --profile demo (a synthetic stand-in).")
+        cfg, output = check_arguments(args)
     except BloodcellError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -144,15 +139,18 @@ def main(argv: list[str] | None = None) -> int:
         print("No arguments: running the main job on the embedded default — the demo profile on a generated "
               "synthetic set. Pass --data-dir with the Kaggle folder for the real study.")
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
-    parameters = {"DATA_DIR": data_dir, "PROFILE": profile, "EPOCHS": args.epochs, "OUTPUT_DIR": str(output)}
-    print(f"Profile {profile} ({why}); output {output}; {len(models)} model notebook(s)"
+    # The notebooks get what was resolved here as explicit parameters; EPOCHS None keeps their profile's.
+    parameters = {"DATA_DIR": data_dir, "PROFILE": cfg.profile, "EPOCHS": args.epochs, "OUTPUT_DIR": str(output)}
+    print(f"Profile {cfg.profile} ({cfg.why('profile')}); output {output}; {len(models)} model notebook(s)"
           f"{', a leakage run' if args.leakage else ''} then Comparison.")
+    for line in cfg.note_lines():
+        print(line)
 
     total = len(models) + 1
     started = time.time()
     results = [run_step(i, total, source, executed, parameters) for i, source in enumerate(models.values(), 1)]
     if args.leakage:
-        results.append(run_leakage(output, args.leakage, profile, args.epochs))
+        results.append(run_leakage(output, args.leakage, cfg.profile, args.epochs))
     results.append(comparison_row(
         run_step(total, total, NOTEBOOKS / "Comparison.ipynb", executed, {"OUTPUT_DIR": str(output)}), output, started))
 

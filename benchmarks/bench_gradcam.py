@@ -64,7 +64,7 @@ def main() -> None:
         per_class = -(-args.images // 5)
         split = _common.synthetic_split(folder, per_class, args.image_size, duplicates=0)
         images, _, _ = load_images(split, "train", args.image_size, limit=args.images)
-    x = np.asarray(spec.preprocess(images.astype(np.float32)), np.float32)
+    x = spec.network_input(images)
     model = build_model(args.arch, image_size=args.image_size, weights=None)
     layer = default_layer(model)
     n = len(x)

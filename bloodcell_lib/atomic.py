@@ -8,10 +8,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
 
 from bloodcell_lib.errors import OutputError
 
@@ -105,10 +108,6 @@ def write_json(target: str | Path, obj: Any) -> Path:
 
 def _finite(obj: Any) -> Any:
     """Replace NaN and infinities by None, recursively, so every JSON parser can read the file."""
-    import math
-
-    import numpy as np
-
     if isinstance(obj, np.ndarray):
         obj = obj.tolist()
     if isinstance(obj, (float, np.floating)):
@@ -121,8 +120,6 @@ def _finite(obj: Any) -> Any:
 
 
 def _json_default(obj: Any) -> Any:
-    import numpy as np
-
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):

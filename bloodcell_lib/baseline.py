@@ -10,10 +10,7 @@ Any CNN result is only interesting by the margin it adds above this row.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import logging
-import platform
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,12 +18,26 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
-from bloodcell_lib.atomic import write_json, write_text
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.config import DEFAULT_BOOTSTRAP, DEFAULT_SEED, profile_config
 from bloodcell_lib.errors import SplitError
 from bloodcell_lib.images import read_rgb
+from bloodcell_lib.results import (
+    library_versions,
+    read_results,
+    record_predictions,
+    results_files,
+    results_path,
+    results_record,
+    split_info,
+    write_results,
+)
+from bloodcell_lib.split import load_split, split_sha256
 
 RUN_NAME = "shortcut_baseline"
 DISPLAY_NAME = "Colour-only baseline"
@@ -57,9 +68,6 @@ def run_shortcut_baseline(
     the dataset root recorded with the split. Writes shortcut_baseline_results.json and
     shortcut_baseline_predictions.csv to output_dir and returns the results dict.
     """
-    from bloodcell_lib.evaluation import predictions_frame, read_predictions, split_info
-    from bloodcell_lib.metrics import compute_metrics
-
     split = _as_split(split, data_dir)
     root = Path(data_dir if data_dir is not None else split.attrs["data_root"]).expanduser()
     train, test = _subset(split, "train"), _subset(split, "test")
@@ -72,35 +80,15 @@ def run_shortcut_baseline(
     x_test = colour_features(load_small_images(root, test["path"]))
     proba, train_accuracy = _fit_and_predict(x_train, y_train, x_test)
 
-    output_dir = Path(output_dir)
-    predictions_path = output_dir / f"{RUN_NAME}_predictions.csv"
-    write_text(predictions_path, predictions_frame(test, proba).to_csv(index=False))
     # As for the CNNs, every number comes from the predictions file, so anyone can recompute it.
-    y_true, proba, frame = read_predictions(predictions_path)
-    metrics = compute_metrics(y_true, proba, groups=frame["group"].to_numpy(), n_boot=n_boot, seed=seed)
-
-    results: dict[str, Any] = {
-        "architecture": RUN_NAME,
-        "display_name": DISPLAY_NAME,
-        "run": RUN_NAME,
-        "weights": None,
-        "image_size": IMAGE_SIZE,
-        "subset": "test",
-        "split": split_info(split),
-        "leakage_audit": split.attrs.get("leakage_audit"),
-        "metrics": metrics,
-        "n_train": int(len(train)),
-        "n_test": int(len(test)),
-        "train_accuracy": train_accuracy,
-        "features": FEATURES,
-        "n_features": int(x_train.shape[1]),
-        "model": MODEL,
-        "predictions_file": predictions_path.name,
-        "output_dir": str(output_dir),
-        "versions": _versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_json(output_dir / f"{RUN_NAME}_results.json", results)
+    _, metrics = record_predictions(output_dir, RUN_NAME, test, proba, n_boot=n_boot, seed=seed)
+    results = results_record(
+        run=RUN_NAME, architecture=RUN_NAME, display_name=DISPLAY_NAME, split=split, split_block=split_info(split),
+        metrics=metrics, output_dir=Path(output_dir), versions=library_versions(cv2),
+        weights=None, image_size=IMAGE_SIZE, subset="test", n_train=int(len(train)), n_test=int(len(test)),
+        train_accuracy=train_accuracy, features=FEATURES, n_features=int(x_train.shape[1]), model=MODEL,
+    )
+    write_results(output_dir, results)
     return results
 
 
@@ -110,13 +98,11 @@ def ensure_shortcut_baseline(split_path: str | Path, output_dir: str | Path) -> 
     The resampling is the one the models in output_dir were evaluated with (baseline_resampling), so every
     row of the comparison has intervals from the same bootstrap.
     """
-    from bloodcell_lib.split import split_sha256
-
     n_boot, seed = baseline_resampling(output_dir)
-    existing = Path(output_dir) / f"{RUN_NAME}_results.json"
+    existing = results_path(output_dir, RUN_NAME)
     if existing.exists():
         try:
-            results = json.loads(existing.read_text(encoding="utf-8"))
+            results = read_results(existing)
             boot = results["metrics"]["bootstrap"]
             if (boot["n_boot"], boot["seed"]) == (n_boot, seed) and results["split"]["sha256"] == split_sha256(
                     split_path):
@@ -143,11 +129,11 @@ def baseline_resampling(output_dir: str | Path, profile: str | None = None, n_bo
 def models_resampling(output_dir: str | Path) -> tuple[int, int] | None:
     """Return the (n_boot, seed) of the models' results in a folder (the most common), or None when there are none."""
     seen: Counter = Counter()
-    for path in sorted(Path(output_dir).glob("*_results.json")):
-        if path.name == f"{RUN_NAME}_results.json":
+    for path in results_files(output_dir):
+        if path.name == results_path(output_dir, RUN_NAME).name:
             continue
         try:
-            boot = json.loads(path.read_text(encoding="utf-8"))["metrics"]["bootstrap"]
+            boot = read_results(path)["metrics"]["bootstrap"]
             seen[(int(boot["n_boot"]), int(boot["seed"]))] += 1
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a partial or foreign file; the comparison reports it
@@ -197,11 +183,6 @@ def load_small_images(root: str | Path, paths: Sequence[str], size: int = IMAGE_
 
 def _fit_and_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, float]:
     """Fit the scaler + logistic regression; return (test probabilities N×5 in CLASSES order, train accuracy)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
-
     classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
     # A few thousand rows × 114 features: multi-threaded BLAS only adds overhead, and on a busy
     # 2-core machine it made this fit ~70× slower (30 s instead of 0.4 s).
@@ -215,8 +196,6 @@ def _fit_and_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarra
 def _as_split(split: pd.DataFrame | str | Path, data_dir: str | Path | None) -> pd.DataFrame:
     """Return the split as a DataFrame with a dataset root we can read from."""
     if isinstance(split, (str, Path)):
-        from bloodcell_lib.split import load_split
-
         return load_split(split, data_root=data_dir)
     if not isinstance(split, pd.DataFrame):
         raise SplitError(f"run_shortcut_baseline needs a split DataFrame or a split CSV path, got {type(split).__name__}.")
@@ -263,11 +242,3 @@ def _corner_means(images: np.ndarray) -> np.ndarray:
     patches = (images[:, :w, :w], images[:, :w, -w:], images[:, -w:, :w], images[:, -w:, -w:])
     return np.concatenate([p.reshape(len(images), -1, 3).mean(axis=1) for p in patches], axis=1)
 
-
-def _versions() -> dict[str, str]:
-    import sklearn
-
-    import bloodcell_lib
-
-    return {"python": platform.python_version(), "numpy": np.__version__, "scikit-learn": sklearn.__version__,
-            "pandas": pd.__version__, "opencv": cv2.__version__, "bloodcell_lib": bloodcell_lib.__version__}

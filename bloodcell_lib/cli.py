@@ -53,16 +53,17 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from bloodcell_lib.config import profile_config
+    from bloodcell_lib.config import resolve
+    from bloodcell_lib.registry import get_arch
     from bloodcell_lib.training import train_from_config
 
-    cfg = profile_config(
-        args.profile, arch=args.arch, data_dir=args.data_dir, split_path=args.split,
+    cfg = resolve(
+        args.profile, spec=get_arch(args.arch), data_dir=args.data_dir, split_path=args.split,
         epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
         weights=args.weights, output_dir=args.output, seed=args.seed,
         run_eagerly=True if args.eager else None,
     )
-    print(f"Profile {cfg.profile} ({cfg.extra['profile_source']})")
+    print("\n".join([f"Profile {cfg.profile} ({cfg.why('profile')})", *cfg.note_lines()]))
     result = train_from_config(cfg)
     print(f"Model saved to {result.model_path}")
     return 0
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", help="'native' or a side length in pixels")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--weights", help="imagenet | none | PATH to a weights file")
-    p.add_argument("--output", help="output folder (default 'Saved Models')")
+    p.add_argument("--output", help="output folder (default: $BLOODCELL_OUTPUT, else 'Saved Models')")
     p.add_argument("--seed", type=int)
     p.add_argument("--profile", help="paper | demo | smoke presets (default: $BLOODCELL_PROFILE, else paper)")
     p.add_argument("--eager", action="store_true", help="run eagerly (skips graph tracing; faster on tiny CPU runs)")

@@ -21,7 +21,6 @@ the conclusion makes from the same test cells, so it shares their family-wise er
 from __future__ import annotations
 
 import itertools
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +33,11 @@ from bloodcell_lib.atomic import write_text
 from bloodcell_lib.baseline import RUN_NAME as BASELINE_RUN
 from bloodcell_lib.baseline import baseline_resampling
 from bloodcell_lib.classes import CLASSES
-from bloodcell_lib.evaluation import PROB_COLUMNS, read_predictions
-from bloodcell_lib.metrics import compute_metrics, holm_adjust, mcnemar_p, paired_comparison
+from bloodcell_lib.metrics import SCALAR_KEYS, compute_metrics, holm_adjust, mcnemar_p, paired_comparison
+from bloodcell_lib.registry import ARCHITECTURES
+from bloodcell_lib.results import PROB_COLUMNS, predictions_path, read_predictions, read_results, results_files, run_of
 from bloodcell_lib.split import SPLIT_FILE, split_sha256
 
-INTERVAL_KEYS = ("accuracy", "macro_f1", "weighted_f1", "roc_auc_macro", "myeloblast_recall", "log_loss", "ece")
 # Ranking and testing use the same metric, so a "best" model is never backed by a test of something else.
 RANK_METRIC = "macro_f1"
 ALPHA = 0.05
@@ -165,16 +164,14 @@ def compare_results(results_dir: str | Path, expected: list[str] | None = None,
     what the models' results files record (metrics.bootstrap), so the paired resamples are those the models'
     intervals were drawn from; only when no file records one, the profile's (BLOODCELL_PROFILE, else paper).
     """
-    from bloodcell_lib.registry import ARCHITECTURES  # imports Keras; the CLI starts faster without it
-
     results_dir = Path(results_dir)
     expected = list(ARCHITECTURES) if expected is None else expected
     rows, problems, runs = [], [], {}
-    for path in sorted(results_dir.glob("*_results.json")):
+    for path in results_files(results_dir):
         try:
-            results = json.loads(path.read_text(encoding="utf-8"))
+            results = read_results(path)
             rows.append(table_row(results))
-            runs[results.get("run", results["architecture"])] = results
+            runs[run_of(results)] = results
         except (OSError, ValueError, KeyError, TypeError) as exc:
             problems.append(f"{path.name}: unreadable or incomplete ({exc.__class__.__name__}: {exc})")
     order = {key: i for i, key in enumerate(ARCHITECTURES)}
@@ -213,7 +210,7 @@ def compare_results(results_dir: str | Path, expected: list[str] | None = None,
 
 TABLE_COLUMNS = [
     "model", "run", "architecture", "split_by", "split_sha256", "rank", "weights", "image_size", "n_test",
-    *[c for k in INTERVAL_KEYS for c in (k, f"{k}_ci")],
+    *[c for k in SCALAR_KEYS for c in (k, f"{k}_ci")],
     "leakage_audit", "leakage_audit_n_test",
     "gradcam_focus", "gradcam_deletion_auc", "gradcam_sanity_spearman",
     "params_total", "params_trainable", "flops_per_image", "keras_file_mb", "training_seconds", "epochs",
@@ -231,7 +228,7 @@ def table_row(results: dict[str, Any]) -> dict[str, Any]:
     name = results.get("display_name", results["architecture"])
     row: dict[str, Any] = {
         "model": f"{name} (image-level split, leaks)" if split_by == "image" else name,
-        "run": results.get("run", results["architecture"]),
+        "run": run_of(results),
         "architecture": results["architecture"],
         "split_by": split_by,
         "split_sha256": (results.get("split") or {}).get("sha256"),
@@ -254,7 +251,7 @@ def table_row(results: dict[str, Any]) -> dict[str, Any]:
         "throughput_batch32": cost.get("throughput_batch32"),
         "device": cost.get("device"),
     }
-    for key in INTERVAL_KEYS:
+    for key in SCALAR_KEYS:
         row[key] = m.get(key)
         row[f"{key}_ci"] = m.get(f"{key}_ci")
     return row
@@ -354,7 +351,7 @@ def ensemble_results(ensemble: pd.DataFrame, members: list[dict], n_boot: int, s
     return {"architecture": ENSEMBLE_RUN, "run": ENSEMBLE_RUN,
             "display_name": f"Ensemble (soft vote of {len(members)})",
             "split": {"split_by": "group", "sha256": (members[0].get("split") or {}).get("sha256")},
-            "members": [r.get("run", r["architecture"]) for r in members], "metrics": metrics, "cost": cost}
+            "members": [run_of(r) for r in members], "metrics": metrics, "cost": cost}
 
 
 def read_run_predictions(results_dir: Path, runs: dict[str, dict]) -> tuple[dict[str, pd.DataFrame], list[str]]:
@@ -366,7 +363,7 @@ def read_run_predictions(results_dir: Path, runs: dict[str, dict]) -> tuple[dict
     """
     preds, problems = {}, []
     for name, results in runs.items():
-        path = results_dir / results.get("predictions_file", f"{name}_predictions.csv")
+        path = results_dir / results.get("predictions_file", predictions_path(results_dir, name).name)
         try:
             _, _, frame = read_predictions(path)
         except (OSError, ValueError, KeyError) as exc:

@@ -15,10 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 from bloodcell_lib.errors import ModelError
 from bloodcell_lib.quiet import quiet_tensorflow
+
+try:  # TensorFlow's private graph freezer, which the profiler's count needs; without it FLOPs are counted analytically
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+except ImportError:
+    convert_variables_to_constants_v2 = None
 
 
 def measure_cost(model, model_path: str | Path | None = None, training_seconds: float | None = None,
@@ -29,9 +36,6 @@ def measure_cost(model, model_path: str | Path | None = None, training_seconds: 
     Latency is the median of `repeats` timed batch-1 calls after warm-up; throughput is images per second
     at `batch_size` (median of `throughput_repeats` calls, default max(3, repeats // 4)).
     """
-    import keras
-    import tensorflow as tf
-
     size = _input_size(model)
     flops, method = graph_flops(model, size)
     forward = _forward(model, size)
@@ -77,8 +81,6 @@ def graph_flops(model, size: tuple[int, ...] | None = None) -> tuple[int, str]:
 
 def analytic_flops(model) -> int:
     """Return 2 × multiply-adds (+ bias adds) of the Conv, DepthwiseConv, SeparableConv and Dense layers."""
-    import keras
-
     total = 0
     for layer in _all_layers(model):
         try:
@@ -103,8 +105,6 @@ def analytic_flops(model) -> int:
 
 def device_name() -> str:
     """Return the GPU's name if TensorFlow sees one, else the CPU model and its core count."""
-    import tensorflow as tf
-
     for gpu in tf.config.list_physical_devices("GPU"):
         with contextlib.suppress(Exception):
             name = tf.config.experimental.get_device_details(gpu).get("device_name")
@@ -126,15 +126,11 @@ def _input_size(model) -> tuple[int, ...]:
 
 
 def _zeros(batch: int, size: tuple[int, ...]):
-    import tensorflow as tf
-
     return tf.zeros((batch, *size), tf.float32)
 
 
 def _forward(model, size: tuple[int, ...]):
     """An inference-mode forward pass traced once for any batch size: times the model, not Python."""
-    import tensorflow as tf
-
     signature = [tf.TensorSpec([None, *size], tf.float32)]
     return tf.function(lambda x: model(x, training=False), input_signature=signature, autograph=False)
 
@@ -151,9 +147,8 @@ def _timed_calls(fn, x, repeats: int, warmup: int = 2) -> list[float]:
 
 
 def _profiler_flops(model, size: tuple[int, ...]) -> int:
-    import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
+    if convert_variables_to_constants_v2 is None:
+        raise RuntimeError("this TensorFlow has no graph freezer for the profiler")
     concrete = tf.function(lambda x: model(x, training=False), autograph=False).get_concrete_function(
         tf.TensorSpec([1, *size], tf.float32))
     frozen = convert_variables_to_constants_v2(concrete)

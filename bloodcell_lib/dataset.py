@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from bloodcell_lib import dedupe, images
 from bloodcell_lib.atomic import write_json
@@ -160,10 +163,8 @@ class DatasetReport:
             )
         return write_json(target, self.to_dict())
 
-    def to_frame(self):
+    def to_frame(self) -> pd.DataFrame:
         """Return one row per readable image: path, label, group, sha256, width, height (attrs: data_root)."""
-        import pandas as pd
-
         columns = ["path", "label", "group", "sha256", "width", "height"]
         frame = pd.DataFrame([{c: getattr(r, c) for c in columns} for r in self.records], columns=columns)
         frame.attrs["data_root"] = str(self.root)
@@ -236,7 +237,7 @@ def check_dataset(path: str | Path, progress: bool = True) -> DatasetReport:
     _require_all_classes(counts, class_dirs, root, problems)
 
     scored = dedupe.near_duplicate_pairs(prints)
-    group_index = dedupe.group_duplicates([r.sha256 for r in records], scored.pairs[scored.accepted])
+    group_index = dedupe.group_copies([r.sha256 for r in records], prints, scored)
     digits = max(5, len(str(int(group_index.max()))))
     for record, g in zip(records, group_index):
         record.group = f"g{int(g):0{digits}d}"
@@ -359,8 +360,6 @@ def _files_below(folder: Path, root: Path, problems: list[Problem]) -> list[Path
 
 def _scan(files: list[tuple[str, Path]], progress: bool) -> list[tuple[Any, Any]]:
     """Read every file once (in WORKERS threads), in order; each item is (result, None) or (None, (kind, message))."""
-    from tqdm.auto import tqdm
-
     bar = tqdm(
         total=len(files), desc="Checking images", unit="img", file=sys.stderr,
         disable=not progress or len(files) <= PROGRESS_MIN_FILES,
@@ -387,8 +386,6 @@ def _read_one(file: Path) -> tuple[Any, Any]:
     except ImageTooLargeError as exc:
         return None, ("too_large", _strip_path(str(exc), file))
     except ImageDecodeError as exc:
-        from PIL import UnidentifiedImageError
-
         kind = "not_image" if isinstance(exc.__cause__, UnidentifiedImageError) else "corrupt"
         return None, (kind, _strip_path(str(exc), file))
     except Exception as exc:  # noqa: BLE001 — one odd file must not stop a 15,000-file scan
@@ -398,8 +395,6 @@ def _read_one(file: Path) -> tuple[Any, Any]:
 
 def _original_mode(data: bytes) -> str:
     """Return the Pillow mode the file is stored in (header only; read_rgb has already vetted the file)."""
-    from PIL import Image
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

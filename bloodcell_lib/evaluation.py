@@ -7,92 +7,59 @@ predictions written to `<run>_predictions.csv`, so anyone can recompute them fro
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import logging
 import os
-import platform
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
+import cv2
+import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
-from bloodcell_lib.atomic import describe_os_error, write_json, write_text
+from bloodcell_lib import figures
+from bloodcell_lib.atomic import describe_os_error
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.config import DEFAULT_BOOTSTRAP, DEFAULT_SEED, RunConfig, profile_config
+from bloodcell_lib.cost import measure_cost
 from bloodcell_lib.errors import OutputError, ProvenanceError
+from bloodcell_lib.explain import explain_summary, gradcam_heatmaps, overlay_heatmap
+from bloodcell_lib.history import history_path, load_history
+from bloodcell_lib.masks import cell_masks
+from bloodcell_lib.model import check_model_fits_study, load_trained_model, model_image_size
+from bloodcell_lib.pipeline import load_images, make_dataset
+from bloodcell_lib.registry import get_arch
+from bloodcell_lib.results import (
+    PROB_COLUMNS,
+    GradcamExamples,
+    figure_path,
+    library_versions,
+    record_predictions,
+    results_record,
+    run_name,
+    split_info,
+    write_gradcam,
+    write_results,
+)
+from bloodcell_lib.split import load_split
 
-PROB_COLUMNS = [f"prob_{name}" for name in CLASSES]
+# Side of the heatmaps saved in `<run>_gradcam.npz`: Grad-CAM maps are upsampled from a feature map of 7-19 cells,
+# so 64 px keeps all they hold at a fraction of the image-sized file.
+GRADCAM_SAVED_SIDE = 64
 
 logger = logging.getLogger(__name__)
 
 
-def run_name(arch: str, split: pd.DataFrame) -> str:
-    """Name of a run's files: the arch key, suffixed when the split is image-level (leakage measurement)."""
-    return f"{arch}_imagesplit" if split.attrs.get("split_by") == "image" else arch
-
-
 def predict_subset(model, split: pd.DataFrame, subset: str, batch_size: int = 32) -> tuple[pd.DataFrame, np.ndarray]:
     """Run one prediction pass over a subset; return (its split rows in order, probabilities N×5)."""
-    from bloodcell_lib.model import model_image_size
-    from bloodcell_lib.pipeline import make_dataset
-    from bloodcell_lib.registry import get_arch
-
     spec = get_arch(model.name)
     rows = split[split["subset"] == subset].reset_index(drop=True)
     ds = make_dataset(split, subset, model_image_size(model), spec.preprocess, batch_size=batch_size,
                       augment=False, shuffle=False, cache="none")
     proba = np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
     return rows, proba
-
-
-def predictions_frame(rows: pd.DataFrame, proba: np.ndarray) -> pd.DataFrame:
-    """Predictions table with columns path, true_label, pred_label, prob_<class>, group."""
-    frame = pd.DataFrame({
-        "path": rows["path"].to_numpy(),
-        "true_label": rows["label"].to_numpy(),
-        "pred_label": [CLASSES[i] for i in proba.argmax(axis=1)],
-    })
-    for k, col in enumerate(PROB_COLUMNS):
-        frame[col] = proba[:, k]
-    frame["group"] = rows["group"].to_numpy()
-    return frame
-
-
-def read_predictions(path: str | Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """Load a predictions CSV; return (true label indices, probabilities N×5, the frame)."""
-    frame = pd.read_csv(path)
-    y_true = frame["true_label"].map(CLASSES.index).to_numpy()
-    return y_true, frame[PROB_COLUMNS].to_numpy(dtype=np.float64), frame
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of Python and the libraries that shape the numbers."""
-    import keras
-    import sklearn
-    import tensorflow as tf
-
-    import bloodcell_lib
-
-    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-            "numpy": np.__version__, "scikit-learn": sklearn.__version__, "pandas": pd.__version__,
-            "bloodcell_lib": bloodcell_lib.__version__}
-
-
-def split_info(split: pd.DataFrame) -> dict[str, Any]:
-    """The split's file, its SHA-256, the fingerprint of its images, how it was made and its subset sizes."""
-    from bloodcell_lib.split import dataset_fingerprint, split_sha256
-
-    path = split.attrs.get("split_path")
-    return {
-        "path": str(path) if path else None,
-        "sha256": split_sha256(path) if path and Path(path).exists() else None,
-        "dataset_sha256": dataset_fingerprint(split),
-        "split_by": split.attrs.get("split_by", "group"),
-        "sizes": {s: int((split["subset"] == s).sum()) for s in ("train", "val", "test")},
-        "data_root": split.attrs.get("data_root"),
-    }
 
 
 def check_training_split(split_block: dict[str, Any], history: dict | None, allow_other_split: bool = False,
@@ -143,8 +110,6 @@ def evaluation_config(model_path: str | Path | None = None, profile: str | None 
     `train`); with an explicit profile, or none recorded, the profile's (BLOODCELL_PROFILE, else paper).
     Overrides that are not None (seed=, bootstrap=, gradcam_images=, ...) win over both.
     """
-    from bloodcell_lib.training import load_history
-
     recorded = None
     if model_path is not None and profile is None:
         path = history_path(model_path)
@@ -154,69 +119,41 @@ def evaluation_config(model_path: str | Path | None = None, profile: str | None 
     return profile_config(profile, **overrides)
 
 
-def history_path(model_path: str | Path) -> Path:
-    """Return the training history JSON saved beside a model: <arch>.keras → <arch>_training_history.json."""
-    model_path = Path(model_path)
-    return model_path.parent / f"{model_path.stem}_training_history.json"
+def select_gradcam_examples(labels: Sequence[str], n: int, seed: int = 0) -> np.ndarray:
+    """Pick up to n positions of the test images to explain, the same for every model: chosen from the true
+    labels alone (never a model's predictions), spread evenly over the classes, seeded.
 
-
-def select_gradcam_examples(frame: pd.DataFrame, n: int, seed: int = 0) -> np.ndarray:
-    """Pick up to n row indices, for every class both right and wrong predictions when there are any."""
+    Each class's positions are shuffled with one seeded generator and dealt round-robin (first of every class,
+    then second, ...), so a class with few images gives what it has and the others fill up. Returned grouped by
+    class (CLASSES order), in dealing order within a class: the first k of each class are the k that a smaller n
+    would pick.
+    """
+    labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    per_cell = max(1, n // (2 * len(CLASSES)))
-    chosen: list[int] = []
-    for name in CLASSES:
-        for right in (True, False):
-            mask = (frame["true_label"] == name) & ((frame["pred_label"] == name) == right)
-            idx = np.flatnonzero(mask.to_numpy())
-            chosen += list(rng.permutation(idx)[:per_cell])
-    rest = np.setdiff1d(np.arange(len(frame)), chosen)
-    chosen += list(rng.permutation(rest)[: max(0, n - len(chosen))])
-    return np.asarray(sorted(chosen[:n]), dtype=int)
-
-
-def cell_masks(split: pd.DataFrame, paths: list[str], images: np.ndarray) -> tuple[np.ndarray, str]:
-    """Cell masks for focus scores: the synthetic manifest's ellipses when present, else stain segmentation."""
-    import cv2
-
-    from bloodcell_lib.explain import stain_mask
-
-    root = Path(split.attrs.get("data_root", "."))
-    manifest_path = root / "synth_manifest.csv"
-    size = images.shape[1]
-    if manifest_path.exists():
-        from bloodcell_lib.images import read_rgb
-        from bloodcell_lib.synthetic import load_manifest, manifest_mask
-
-        manifest = load_manifest(manifest_path).set_index("file")
-        if all(p in manifest.index for p in paths):
-            masks = []
-            for p in paths:
-                h, w = read_rgb(root / p).shape[:2]
-                m = manifest_mask(manifest.loc[p], h, w).astype(np.uint8)
-                masks.append(cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST).astype(bool))
-            return np.stack(masks), "synthetic manifest ellipses"
-    return np.stack([stain_mask(img) for img in images]), "stain-colour segmentation"
+    shuffled = [rng.permutation(np.flatnonzero(labels == name)) for name in CLASSES]
+    dealt = [(rank, k) for rank in range(max((len(s) for s in shuffled), default=0))
+             for k, s in enumerate(shuffled) if rank < len(s)][:max(0, n)]
+    return np.asarray([shuffled[k][rank] for rank, k in sorted(dealt, key=lambda d: (d[1], d[0]))], dtype=int)
 
 
 def explain_model(model, split: pd.DataFrame, frame: pd.DataFrame, output_dir: Path, name: str,
                   n_images: int, seed: int = 0, make_figures: bool = True) -> dict[str, Any]:
-    """Grad-CAM and Grad-CAM++ on chosen test images: focus, deletion AUC, sanity; grid figures saved."""
-    from bloodcell_lib.explain import explain_summary, gradcam_heatmaps, overlay_heatmap
-    from bloodcell_lib.figures import plot_gradcam_grid, plot_sample_predictions
-    from bloodcell_lib.model import model_image_size
-    from bloodcell_lib.pipeline import load_images
-    from bloodcell_lib.registry import get_arch
+    """Grad-CAM and Grad-CAM++ on chosen test images: focus, deletion AUC, sanity.
 
+    Writes `<name>_gradcam.npz` (the images' paths, true and predicted classes, Grad-CAM heatmaps) and, with
+    make_figures, the Grad-CAM and sample-prediction grids. frame: the test subset's predictions, in split order.
+    """
     if n_images <= 0 or frame.empty:
         return {}
     spec = get_arch(model.name)
-    idx = select_gradcam_examples(frame, n_images, seed)
+    size = model_image_size(model)
+    idx = select_gradcam_examples(frame["true_label"], n_images, seed)
     chosen = split[split["subset"] == "test"].iloc[idx]
     chosen.attrs = dict(split.attrs)
-    images, labels, paths = load_images(chosen, "test", model_image_size(model))
-    masks, mask_source = cell_masks(split, paths, images)
-    x = spec.preprocess(images.astype("float32"))
+    images, labels, paths = load_images(chosen, "test", size)
+    data_root = Path(split.attrs.get("data_root", "."))
+    masks, mask_source = cell_masks(data_root, paths, images)
+    x = spec.network_input(images)
     shown = frame.set_index("path").loc[paths]
     pred = shown["pred_label"].map(CLASSES.index).to_numpy()
     block: dict[str, Any] = {"mask_source": mask_source, "layer": spec.last_conv_layer, "image_paths": paths}
@@ -225,22 +162,25 @@ def explain_model(model, split: pd.DataFrame, frame: pd.DataFrame, output_dir: P
         heat[method] = gradcam_heatmaps(model, x, class_indices=pred, layer=spec.last_conv_layer, method=method)
         block[method] = explain_summary(model, x, masks, class_indices=pred, layer=spec.last_conv_layer,
                                         method=method, seed=seed, heatmaps=heat[method])
+    examples = GradcamExamples(run=name, display_name=spec.display_name, data_root=str(data_root), paths=paths,
+                               true=labels, pred=pred, heatmaps=_shrunk(heat["gradcam"], GRADCAM_SAVED_SIDE),
+                               image_size=size, layer=spec.last_conv_layer, method="gradcam")
+    block["examples_file"] = write_gradcam(output_dir, examples).name
     if make_figures:
         overlays = np.stack([overlay_heatmap(img, h) for img, h in zip(images, heat["gradcam"])])
-        plot_gradcam_grid(images, overlays, labels, pred, path=output_dir / f"{name}_gradcam.png",
-                          title=f"Grad-CAM — {spec.display_name}")
-        plot_sample_predictions(images, labels, pred, shown[PROB_COLUMNS].max(axis=1).to_numpy(),
-                                path=output_dir / f"{name}_samples.png")
+        figures.plot_gradcam_grid(images, overlays, labels, pred, path=figure_path(output_dir, name, "gradcam"),
+                                  title=f"Grad-CAM — {spec.display_name}")
+        figures.plot_sample_predictions(images, labels, pred, shown[PROB_COLUMNS].max(axis=1).to_numpy(),
+                                        path=figure_path(output_dir, name, "samples"))
     return block
 
 
 def save_figures(frame: pd.DataFrame, metrics: dict, output_dir: Path, name: str, history: dict | None) -> list[str]:
     """Write confusion matrices, ROC curves and training curves as PNG files; return their paths."""
-    from bloodcell_lib import figures
-
     y_true = frame["true_label"].map(CLASSES.index).to_numpy()
     proba = frame[PROB_COLUMNS].to_numpy()
-    paths = {key: output_dir / f"{name}_{key}.png" for key in ("confusion", "confusion_normalised", "roc", "curves")}
+    kinds = ("confusion", "confusion_normalised", "roc", "curves")
+    paths = {kind: figure_path(output_dir, name, kind) for kind in kinds}
     figures.plot_confusion_matrix(metrics["confusion_matrix"], path=paths["confusion"])
     figures.plot_confusion_matrix(metrics["confusion_matrix_normalised"], normalised=True,
                                   path=paths["confusion_normalised"])
@@ -262,11 +202,6 @@ def evaluate(model, split: pd.DataFrame, subset: str = "test", output_dir: str |
     A split other than the one in the model's training history is refused (ProvenanceError) unless
     allow_other_split, and then labelled in results["split"]["matches_training_split"].
     """
-    from bloodcell_lib.cost import measure_cost
-    from bloodcell_lib.metrics import compute_metrics
-    from bloodcell_lib.model import check_model_fits_study, model_image_size
-    from bloodcell_lib.registry import get_arch
-
     output_dir = Path(output_dir)
     spec = get_arch(model.name)
     check_model_fits_study(model, model_path or spec.display_name)
@@ -279,39 +214,23 @@ def evaluate(model, split: pd.DataFrame, subset: str = "test", output_dir: str |
     # so a failure (a full disk, Grad-CAM) never leaves files of two runs side by side.
     with staged_outputs(output_dir, name) as work:
         rows, proba = predict_subset(model, split, subset)
-        frame = predictions_frame(rows, proba)
-        predictions_path = work / f"{name}_predictions.csv"
-        write_text(predictions_path, frame.to_csv(index=False))
-
-        # Metrics come from the file just written, so they are exactly what the CSV says.
-        y_true, proba, frame = read_predictions(predictions_path)
-        metrics = compute_metrics(y_true, proba, groups=frame["group"].to_numpy(), n_boot=n_boot, seed=seed)
-        meta = (history or {}).get("meta", {}) if isinstance(history, dict) else {}
-        results: dict[str, Any] = {
-            "architecture": spec.key,
-            "display_name": spec.display_name,
-            "run": name,
-            "weights": weights_used or meta.get("weights_used"),
-            "image_size": model_image_size(model),
-            "epochs": meta.get("epochs") or _epochs_from_history(history),
-            "subset": subset,
-            "split": split_block,
-            "leakage_audit": split.attrs.get("leakage_audit"),
-            "metrics": metrics,
-            "predictions_file": predictions_path.name,
-            "output_dir": str(output_dir),
-            "versions": library_versions(),
-            "config": config or {},
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
+        frame, metrics = record_predictions(work, name, rows, proba, n_boot=n_boot, seed=seed)
+        meta = (history.get("meta") or {}) if isinstance(history, dict) else {}
+        epochs = meta.get("epochs") or _epochs_from_history(history)
+        results = results_record(
+            run=name, architecture=spec.key, display_name=spec.display_name, split=split, split_block=split_block,
+            metrics=metrics, output_dir=output_dir, versions=library_versions(tf, keras),
+            weights=weights_used or meta.get("weights_used"), image_size=model_image_size(model), epochs=epochs,
+            subset=subset, config=config or {},
+        )
         results["cost"] = measure_cost(model, model_path=model_path, training_seconds=meta.get("total_seconds"),
-                                       epochs=(results["epochs"] or {}).get("total"), repeats=cost_repeats)
+                                       epochs=(epochs or {}).get("total"), repeats=cost_repeats)
         results["explainability"] = explain_model(model, split, frame if subset == "test" else frame.iloc[:0],
                                                   work, name, gradcam_images, seed, make_figures)
         if make_figures:
             results["figures"] = [str(output_dir / Path(p).name)
                                   for p in save_figures(frame, metrics, work, name, _curves(history))]
-        write_json(work / f"{name}_results.json", results)
+        write_results(work, results)
     return results
 
 
@@ -337,6 +256,29 @@ def staged_outputs(output_dir: Path, name: str) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def evaluate_saved_model(model_path: str | Path, split_path: str | Path, output_dir: str | Path | None = None,
+                         subset: str = "test", data_dir: str | Path | None = None, cfg: RunConfig | None = None,
+                         allow_other_split: bool = False) -> dict[str, Any]:
+    """Load a `.keras` model and its training history (JSON), then evaluate it on a saved split.
+
+    cfg: bootstrap, seed, gradcam_images and cost_repeats come from it; None → evaluation_config(model_path),
+    the configuration the model was trained with, so the numbers equal the notebook's.
+    """
+    model_path = Path(model_path)
+    model, spec = load_trained_model(model_path)
+    split = load_split(split_path, data_root=data_dir)
+    output_dir = Path(output_dir) if output_dir else model_path.parent
+    history = load_history(history_path(model_path)) if history_path(model_path).exists() else None
+    cfg = (cfg or evaluation_config(model_path)).replace(arch=spec.key)
+    return evaluate(model, split, subset, output_dir, history=history, config=cfg.to_dict(), model_path=model_path,
+                    gradcam_images=cfg.gradcam_images, n_boot=cfg.bootstrap, seed=cfg.seed,
+                    cost_repeats=cfg.cost_repeats, allow_other_split=allow_other_split)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Internals
+
+
 def _curves(history: dict | None) -> dict | None:
     if not history:
         return None
@@ -351,24 +293,8 @@ def _epochs_from_history(history: dict | None) -> dict[str, int] | None:
     return {"phase1": phases.count(1), "phase2": phases.count(2), "total": len(phases)}
 
 
-def evaluate_saved_model(model_path: str | Path, split_path: str | Path, output_dir: str | Path | None = None,
-                         subset: str = "test", data_dir: str | Path | None = None, cfg: RunConfig | None = None,
-                         allow_other_split: bool = False) -> dict[str, Any]:
-    """Load a `.keras` model and its training history (JSON), then evaluate it on a saved split.
-
-    cfg: bootstrap, seed, gradcam_images and cost_repeats come from it; None → evaluation_config(model_path),
-    the configuration the model was trained with, so the numbers equal the notebook's.
-    """
-    from bloodcell_lib.model import load_trained_model
-    from bloodcell_lib.split import load_split
-    from bloodcell_lib.training import load_history
-
-    model_path = Path(model_path)
-    model, spec = load_trained_model(model_path)
-    split = load_split(split_path, data_root=data_dir)
-    output_dir = Path(output_dir) if output_dir else model_path.parent
-    history = load_history(history_path(model_path)) if history_path(model_path).exists() else None
-    cfg = (cfg or evaluation_config(model_path)).replace(arch=spec.key)
-    return evaluate(model, split, subset, output_dir, history=history, config=cfg.to_dict(), model_path=model_path,
-                    gradcam_images=cfg.gradcam_images, n_boot=cfg.bootstrap, seed=cfg.seed,
-                    cost_repeats=cfg.cost_repeats, allow_other_split=allow_other_split)
+def _shrunk(heatmaps: np.ndarray, side: int) -> np.ndarray:
+    """Heatmaps resized (area average) to at most side×side, as float16: small enough to keep per run."""
+    if heatmaps.shape[1] <= side:
+        return heatmaps.astype(np.float16)
+    return np.stack([cv2.resize(h, (side, side), interpolation=cv2.INTER_AREA) for h in heatmaps]).astype(np.float16)

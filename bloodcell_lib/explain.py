@@ -1,5 +1,7 @@
 """Grad-CAM and Grad-CAM++ heatmaps, overlays, and explanation quality as numbers (focus, deletion, sanity).
 
+Models are shown side by side from the examples each evaluation saved (gradcam_side_by_side), never recomputed.
+
 Heatmaps are computed for whole batches: one forward and one backward pass per batch, never a Python
 loop per image. This is correct because in inference mode every image's class score depends only on
 its own activations, so the gradient of the *sum* of the batch's scores is each image's own gradient.
@@ -10,12 +12,25 @@ saturated softmax probability vanish and give empty maps for confidently classif
 from __future__ import annotations
 
 import zlib
+from collections import Counter
+from pathlib import Path
 from typing import Any, Sequence
 
+import cv2
+import keras
 import numpy as np
+import pandas as pd
+import tensorflow as tf
+from matplotlib.figure import Figure
+from scipy.stats import rankdata
 
+from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.errors import ConfigError, ModelError
+from bloodcell_lib.figures import plot_image_grid
+from bloodcell_lib.pipeline import load_images
 from bloodcell_lib.quiet import quiet_tensorflow
+from bloodcell_lib.registry import ARCHITECTURES, get_arch
+from bloodcell_lib.results import GradcamExamples, gradcam_path, load_gradcam
 
 METHODS = ("gradcam", "gradcam++")
 
@@ -34,8 +49,6 @@ def gradcam_heatmaps(model, images: np.ndarray, class_indices: Sequence[int] | n
 def overlay_heatmap(image_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4,
                     colormap: int | None = None) -> np.ndarray:
     """Blend a colour-mapped heatmap over an RGB uint8 image and return RGB uint8 (JET by default)."""
-    import cv2
-
     image = np.asarray(image_uint8)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"overlay_heatmap needs an H×W×3 uint8 RGB image, got {image.dtype} {image.shape}.")
@@ -49,33 +62,33 @@ def overlay_heatmap(image_uint8: np.ndarray, heatmap: np.ndarray, alpha: float =
     return np.clip(blend + 0.5, 0, 255).astype(np.uint8)
 
 
-def stain_mask(image_uint8: np.ndarray) -> np.ndarray:
-    """Return a bool H×W mask of the stained (purple/blue) white cell, found from stain colour alone.
+def gradcam_side_by_side(output_dir: str | Path, per_class: int = 1, runs: Sequence[str] | None = None,
+                         data_dir: str | Path | None = None) -> Figure | str:
+    """Figure: each evaluated model's Grad-CAM on the same test images (per_class of each class), a row per model.
 
-    Steps: white-balance on the glass, then the strongly stained core (Otsu on saturation × a purple/blue
-    hue window; its largest blob), grown into the paler cytoplasm of that hue connected to it, closed
-    and hole-filled. Pink cytoplasm (some erythroblasts) looks like a red cell and is left out.
+    Drawn from the `<run>_gradcam.npz` files evaluation saved: no model is loaded and no heatmap recomputed.
+    runs: None → every registry architecture with a saved file, in registry order. data_dir: where the images
+    are now, when they moved since evaluation. Without any saved examples, a sentence saying so.
     """
-    import cv2
-    from scipy import ndimage
-
-    image = np.asarray(image_uint8)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"stain_mask needs an H×W×3 uint8 RGB image, got {image.dtype} {image.shape}.")
-    side = min(image.shape[:2])
-    balanced = _white_balanced(cv2.GaussianBlur(image, (0, 0), max(0.6, side / 160)))
-    hue, sat, val = np.moveaxis(cv2.cvtColor(balanced, cv2.COLOR_RGB2HSV).astype(np.float32), -1, 0)
-    low, high = _STAIN_HUE
-    in_window = np.clip(np.minimum(hue - (low - _HUE_RAMP), (high + _HUE_RAMP) - hue) / _HUE_RAMP, 0.0, 1.0)
-    core = _stained_core(np.clip(sat * in_window, 0, 255).astype(np.uint8), side)
-    if core is None:
-        return np.zeros(image.shape[:2], dtype=bool)
-    # Paler cytoplasm: stain hue and either more saturated or darker than the glass around the cell.
-    glass = val >= np.percentile(val, 90)
-    pale = (in_window > 0.5) & ((sat > np.median(sat[glass]) + 8) | (val < np.median(val[glass]) - 30))
-    _, labels = cv2.connectedComponents((_opened(pale, side / 64) | core).astype(np.uint8), connectivity=8)
-    mask = np.isin(labels, np.unique(labels[core]))
-    return ndimage.binary_fill_holes(_closed(mask, side / 25))
+    output_dir = Path(output_dir)
+    runs = [run for run in (ARCHITECTURES if runs is None else runs) if gradcam_path(output_dir, run).is_file()]
+    if not runs:
+        return "No model in this folder has saved Grad-CAM examples yet (evaluation writes <run>_gradcam.npz)."
+    saved = [load_gradcam(output_dir, run) for run in runs]
+    paths = _shared_examples(saved, per_class)
+    if not paths:
+        return "The models' saved Grad-CAM examples share no test image; evaluate them on one split with one seed."
+    images, titles, colours = [], [], []
+    for examples in saved:
+        rows = [examples.paths.index(path) for path in paths]
+        chosen = pd.DataFrame({"path": paths, "label": [CLASSES[examples.true[i]] for i in rows], "subset": "test"})
+        pictures, _, _ = load_images(chosen, "test", examples.image_size, data_root=data_dir or examples.data_root)
+        for picture, i in zip(pictures, rows):
+            true, pred = examples.true[i], examples.pred[i]
+            images.append(overlay_heatmap(picture, examples.heatmaps[i].astype(np.float32)))
+            titles.append(f"{examples.display_name}\ntrue {CLASSES[true]}\npred {CLASSES[pred]}")
+            colours.append("green" if true == pred else "red")
+    return plot_image_grid(images, titles, ncols=len(paths), title="Grad-CAM, same test images", colours=colours)
 
 
 def focus_score(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -143,8 +156,6 @@ def randomised_copy(model, seed: int = 0):
     Re-initialising (not shuffling) keeps BatchNorm statistics consistent, so deep randomised networks
     stay numerically finite; seeding each layer from (seed, layer name) makes the copy reproducible.
     """
-    import keras
-
     def reinitialised(layer):
         config = layer.get_config()
         layer_seed = zlib.crc32(f"{seed}:{layer.name}".encode()) & 0x7FFFFFFF
@@ -230,8 +241,6 @@ def default_layer(model) -> str:
 
 def spearman_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman rank correlation of each pair of maps (ties get average ranks; NaN if a map is constant)."""
-    from scipy.stats import rankdata
-
     ra = rankdata(np.asarray(a, dtype=np.float64).reshape(len(a), -1), axis=1)
     rb = rankdata(np.asarray(b, dtype=np.float64).reshape(len(b), -1), axis=1)
     ra -= ra.mean(axis=1, keepdims=True)
@@ -246,16 +255,8 @@ def spearman_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 # Internals
 
-# Stain scores are saturation (0-255) weighted by how purple/blue the hue is; below this nothing is stained.
-_MIN_STAIN_SCORE = 25
-# OpenCV hue runs 0-180: blue is 120, violet/purple 130-155, the pink of red cells 160-180 and 0-10.
-_STAIN_HUE = (95.0, 158.0)
-_HUE_RAMP = 8.0
-
 
 def _heatmaps_and_classes(model, images, class_indices, layer, method, batch_size) -> tuple[np.ndarray, np.ndarray]:
-    import tensorflow as tf
-
     if method not in METHODS:
         raise ConfigError(f"Unknown explanation method {method!r}; choose one of: {', '.join(METHODS)}.")
     x = np.asarray(images, dtype=np.float32)
@@ -295,13 +296,23 @@ def _maps_and_classes(model, images, class_indices, heatmaps, layer, method, bat
     return np.asarray(heatmaps, dtype=np.float32), np.asarray(class_indices, dtype=np.int64)
 
 
+def _shared_examples(saved: list[GradcamExamples], per_class: int) -> list[str]:
+    """The first per_class paths of each class, in the first run's order, among the paths every run explained."""
+    common = set.intersection(*(set(examples.paths) for examples in saved))
+    taken: Counter = Counter()
+    picked = []
+    for path, true in zip(saved[0].paths, saved[0].true):
+        if path in common and taken[true] < per_class:
+            picked.append(path)
+            taken[true] += 1
+    return picked
+
+
 def _compiled_cam(model, layer: str, method: str, image_shape: tuple[int, ...]):
     """Trace the batch Grad-CAM function once per call; the unknown batch size lets every batch reuse it.
 
     Not cached across calls on purpose: a cache keyed by the model would keep every model alive.
     """
-    import tensorflow as tf
-
     grad_model, to_scores = _grad_model(model, layer)
     height, width = image_shape[0], image_shape[1]
 
@@ -333,8 +344,6 @@ def _gradcam_pp_weights(acts, grads):
     With S = exp(logit), the 2nd and 3rd derivatives are exp(logit)·g² and exp(logit)·g³; exp(logit)
     cancels in alpha and only scales the weights, which the per-image normalisation removes.
     """
-    import tensorflow as tf
-
     g2 = tf.square(grads)
     g3 = g2 * grads
     act_sum = tf.reduce_sum(acts, axis=(1, 2), keepdims=True)
@@ -345,9 +354,6 @@ def _gradcam_pp_weights(acts, grads):
 
 def _grad_model(model, layer: str):
     """A model giving (layer activations, head input) and a function mapping the head input to class logits."""
-    import keras
-    import tensorflow as tf
-
     target = _check_layer(model, layer)
     inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
     last = model.layers[-1]
@@ -391,10 +397,6 @@ def _output_shape(layer) -> tuple:
 
 def _registry_spec(name: str):
     try:
-        from bloodcell_lib.registry import get_arch
-    except ImportError:
-        return None
-    try:
         return get_arch(name)
     except ConfigError:
         return None
@@ -402,8 +404,6 @@ def _registry_spec(name: str):
 
 def _compiled_forward(model, image_shape: tuple[int, ...]):
     """Inference-mode forward pass traced once for any batch size (model.predict re-plans on every call)."""
-    import tensorflow as tf
-
     signature = [tf.TensorSpec([None, *image_shape], tf.float32)]
     return tf.function(lambda x: model(x, training=False), input_signature=signature, autograph=False)
 
@@ -419,56 +419,12 @@ def _deletion_baseline(x: np.ndarray, baseline_value: float | str | None) -> np.
     if baseline_value is None or baseline_value == "mean":
         return x.mean(axis=(1, 2), keepdims=True)
     if baseline_value == "blur":
-        import cv2
-
         sigma = max(x.shape[1:3]) / 16.0
         return np.stack([cv2.GaussianBlur(img, (0, 0), sigmaX=sigma) for img in x]).reshape(x.shape)
     if isinstance(baseline_value, (int, float)):
         return np.full((1, 1, 1, 1), float(baseline_value), dtype=np.float32)
     raise ConfigError(f"deletion_auc: baseline_value must be None, 'mean', 'blur' or a number, "
                       f"got {baseline_value!r}.")
-
-
-def _stained_core(score: np.ndarray, side: int) -> np.ndarray | None:
-    """The largest blob above Otsu's threshold of the stain score, or None if nothing is stained."""
-    import cv2
-
-    if int(score.max()) < _MIN_STAIN_SCORE:
-        return None
-    threshold, _ = cv2.threshold(score, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    core = _opened(score > max(threshold, _MIN_STAIN_SCORE - 1), side / 100)  # drop speckle first
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(core.astype(np.uint8), connectivity=8)
-    if count <= 1:
-        return None
-    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-
-
-def _white_balanced(image: np.ndarray) -> np.ndarray:
-    """Scale channels so the glass (brightest tenth of pixels) is neutral: hue then means stain, not lamp."""
-    rgb = image.astype(np.float32)
-    brightness = rgb.sum(axis=2)
-    glass = np.median(rgb[brightness >= np.percentile(brightness, 90)], axis=0)
-    return np.clip(rgb * (glass.mean() / np.maximum(glass, 1.0)), 0, 255).astype(np.uint8)
-
-
-def _opened(mask: np.ndarray, size: float) -> np.ndarray:
-    import cv2
-
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (_odd(size), _odd(size)))
-    return cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)
-
-
-def _closed(mask: np.ndarray, size: float) -> np.ndarray:
-    import cv2
-
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (_odd(size), _odd(size)))
-    pad = kernel.shape[0]  # pad so a cell touching the border is not cut by the closing's edge handling
-    padded = cv2.copyMakeBorder(mask.astype(np.uint8), pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
-    return cv2.morphologyEx(padded, cv2.MORPH_CLOSE, kernel)[pad:-pad, pad:-pad].astype(bool)
-
-
-def _odd(value: float) -> int:
-    return max(3, int(round(value)) | 1)
 
 
 def _nan_stat(fn, values: np.ndarray) -> float | None:

@@ -11,10 +11,17 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import seaborn as sns
 from matplotlib.figure import Figure
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from bloodcell_lib.atomic import write_bytes
 from bloodcell_lib.classes import CLASSES
+
+try:  # IPython is there in notebooks, not necessarily on the command line
+    from IPython import get_ipython
+except ImportError:
+    get_ipython = None
 
 
 def figure_png(fig: Figure, dpi: int = 110) -> bytes:
@@ -26,11 +33,7 @@ def figure_png(fig: Figure, dpi: int = 110) -> bytes:
 
 def _show_figures_inline() -> None:
     """Teach a running IPython kernel to display our pyplot-free Figures as PNG images."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    shell = get_ipython()
+    shell = get_ipython() if get_ipython is not None else None
     if shell is not None:
         shell.display_formatter.formatters["image/png"].for_type(Figure, figure_png)
 
@@ -69,8 +72,6 @@ def plot_history(history: Mapping[str, Sequence[float]], path: str | Path | None
 def plot_confusion_matrix(cm: Sequence[Sequence[float]], normalised: bool = False,
                           path: str | Path | None = None, title: str = "") -> Figure:
     """Confusion matrix as an annotated heatmap (rows: true class, columns: predicted)."""
-    import seaborn as sns
-
     cm = np.asarray(cm, dtype=float)
     fig = Figure(figsize=(6.5, 5.5))
     ax = fig.subplots()
@@ -85,8 +86,6 @@ def plot_confusion_matrix(cm: Sequence[Sequence[float]], normalised: bool = Fals
 
 def plot_roc_curves(y_true: np.ndarray, proba: np.ndarray, path: str | Path | None = None, title: str = "") -> Figure:
     """One-vs-rest ROC curve per class with its AUC."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     y_true = np.asarray(y_true)
     fig = Figure(figsize=(6, 5.5))
     ax = fig.subplots()

@@ -34,9 +34,10 @@ from sklearn.metrics import (
 
 from bloodcell_lib.classes import CLASSES, KEY_CLASS
 
-# Scalar metrics that get a `<key>_ci` interval, in the order they appear in results files.
+# The study's metrics: the scalars that get a `<key>_ci` interval, in the order results files, the comparison
+# table and the notebooks show them. Every reader takes the list from here.
 SCALAR_KEYS: tuple[str, ...] = (
-    "accuracy", "macro_f1", "weighted_f1", "roc_auc_macro", "log_loss", "ece", "myeloblast_recall",
+    "accuracy", "macro_f1", "weighted_f1", "roc_auc_macro", "myeloblast_recall", "log_loss", "ece",
 )
 # The calibration scores (lower is better); classwise_ece and brier have no interval in results files, but
 # paired_comparison tests every one (calibration.calibration_report: before against after temperature scaling).

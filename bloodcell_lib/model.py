@@ -1,4 +1,4 @@
-"""Build a transfer-learning classifier from a registry entry, and load a trained one back.
+"""Build a transfer-learning classifier from a registry entry, save it atomically, and load a trained one back.
 
 The model is one FLAT functional graph: the keras.applications base is built on our own Input
 (`input_tensor=`), so its layers sit directly in the model and `model.get_layer(spec.last_conv_layer)`
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import keras
 
+from bloodcell_lib.atomic import atomic_path
 from bloodcell_lib.classes import CLASSES
+from bloodcell_lib.config import check_image_size
 from bloodcell_lib.dedupe import sha256_file
 from bloodcell_lib.errors import ConfigError, ModelError, WeightsError
 from bloodcell_lib.registry import ArchSpec, get_arch
@@ -28,9 +30,6 @@ INPUT_NAME = "image"
 DOWNLOAD_TIMEOUT_S = 10.0
 # Where keras.applications downloads ImageNet weights from.
 KERAS_WEIGHTS_HOST = ("storage.googleapis.com", 443)
-# Largest input side, as a multiple of the native one: activations grow with the square of the side, so at twice
-# the native size a batch of 32 already fills a 16 GB GPU, and a blood-cell crop holds no more detail to find.
-MAX_SIZE_FACTOR = 2
 
 
 def build_model(
@@ -62,26 +61,6 @@ def build_model(
         num_classes, activation="softmax", dtype="float32", name=f"{HEAD_PREFIX}predictions"
     )(x)
     return keras.Model(inputs, outputs, name=spec.key)
-
-
-def check_image_size(spec: ArchSpec, image_size: int | str | None) -> int:
-    """Return the side length to build at ("native"/None → the spec's), refusing sizes the network cannot take."""
-    if image_size is None or image_size == "native":
-        return spec.native_size
-    size = int(image_size)
-    if size < spec.min_size:
-        raise ConfigError(
-            f"{spec.display_name} needs images of at least {spec.min_size}×{spec.min_size} pixels, "
-            f"got {size}; use image_size >= {spec.min_size} or 'native' ({spec.native_size})."
-        )
-    largest = MAX_SIZE_FACTOR * spec.native_size
-    if size > largest:
-        raise ConfigError(
-            f"image size {size} is too large for {spec.display_name}: the limit is {largest} pixels "
-            f"({MAX_SIZE_FACTOR}× its native {spec.native_size}); beyond it training runs out of memory. "
-            f"Use image_size <= {largest} or 'native'."
-        )
-    return size
 
 
 def describe_weights(weights: str | Path | None) -> str:
@@ -121,6 +100,16 @@ def head_layers(model: keras.Model) -> list[keras.layers.Layer]:
 def model_image_size(model: keras.Model) -> int:
     """Return the side length of the square images the model takes."""
     return int(model.input_shape[1])
+
+
+def save_model(model: keras.Model, path: str | Path) -> Path:
+    """Save a `.keras` model atomically: a crash mid-save leaves the previous file intact."""
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ConfigError(f"Models are saved in Keras 3's format; the file name must end in .keras, got {path}.")
+    with atomic_path(path) as tmp:  # the temporary name keeps the .keras suffix Keras insists on
+        model.save(tmp)
+    return path
 
 
 def load_trained_model(path: str | Path) -> tuple[keras.Model, ArchSpec]:

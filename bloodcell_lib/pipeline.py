@@ -22,6 +22,7 @@ from PIL import Image
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.errors import ConfigError, DatasetError, ImageDecodeError
 from bloodcell_lib.images import MAX_PIXELS, read_rgb
+from bloodcell_lib.split import load_split
 
 logger = logging.getLogger(__name__)
 
@@ -117,25 +118,6 @@ def load_images(
     ds = decoded_dataset(files, labels.astype(np.int32), size).batch(64)
     images = np.concatenate([x.numpy() for x, _ in ds], axis=0)
     return images, labels, paths
-
-
-def class_weights(labels: Sequence[int] | np.ndarray, num_classes: int = len(CLASSES)) -> dict[int, float]:
-    """Return balanced class weights n / (k · n_c) like sklearn's compute_class_weight (k = classes present).
-
-    A class absent from `labels` gets weight 0.0: it never occurs, so its weight is never used, and
-    listing it keeps the dict complete for Keras.
-    """
-    y = np.asarray(labels).ravel()
-    if y.size == 0:
-        raise DatasetError("class_weights got no labels; the training subset is empty.")
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes:
-        raise DatasetError(f"class_weights needs integer labels in 0..{num_classes - 1}, "
-                           f"got values {np.unique(y)[:10]}.")
-    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
-    present = counts > 0
-    weights = np.zeros(num_classes)
-    weights[present] = y.size / (present.sum() * counts[present])
-    return {i: float(w) for i, w in enumerate(weights)}
 
 
 def augment_image(image: np.ndarray, seed: tuple[int, int] = (0, 0)) -> np.ndarray:
@@ -244,8 +226,6 @@ def _subset_rows(split: pd.DataFrame | str | Path, subset: str,
                  data_root: str | Path | None) -> tuple[pd.DataFrame, Path]:
     """Return the split's rows of one subset (in split order) and the data root they are relative to."""
     if not isinstance(split, pd.DataFrame):
-        from bloodcell_lib.split import load_split
-
         split = load_split(split, data_root=data_root)
     if subset not in ("train", "val", "test"):
         raise ConfigError(f"subset must be 'train', 'val' or 'test', got {subset!r}.")
@@ -299,9 +279,9 @@ def _check_size(image_size: Any) -> int:
 def _cache(ds: tf.data.Dataset, cache: str | Path | None, subset: str, size: int,
            files: list[tuple[str, int]], labels: np.ndarray) -> tuple[str, tf.data.Dataset]:
     """Cache the decoded uint8 stage: in memory, in files under a folder, or not at all."""
-    if cache is None or cache is False or (isinstance(cache, str) and cache.casefold() == "none"):
+    if cache is None or (isinstance(cache, str) and cache.casefold() == "none"):
         return "none", ds
-    if cache is True or (isinstance(cache, str) and cache.casefold() == "memory"):
+    if isinstance(cache, str) and cache.casefold() == "memory":
         return "memory", ds.cache()
     folder = Path(cache).expanduser()
     folder.mkdir(parents=True, exist_ok=True)

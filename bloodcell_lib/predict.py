@@ -5,25 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import cv2
 import numpy as np
 
+from bloodcell_lib.atomic import write_bytes
 from bloodcell_lib.classes import CLASSES
+from bloodcell_lib.errors import ImageDecodeError
+from bloodcell_lib.explain import gradcam_heatmaps, overlay_heatmap
+from bloodcell_lib.images import read_rgb
+from bloodcell_lib.model import load_trained_model, model_image_size
+from bloodcell_lib.pipeline import resize_uint8
 
 
 def prepare_image(rgb: np.ndarray, size: int) -> np.ndarray:
     """Resize an RGB uint8 image to size×size exactly as the training pipeline does."""
-    from bloodcell_lib.pipeline import resize_uint8
-
     return resize_uint8(rgb, size).numpy()
 
 
 def predict_files(model_path: str | Path, image_paths: Sequence[str | Path],
                   gradcam_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """Return class and probabilities per image; unreadable files get an 'error' entry instead."""
-    from bloodcell_lib.errors import ImageDecodeError
-    from bloodcell_lib.images import read_rgb
-    from bloodcell_lib.model import load_trained_model, model_image_size
-
     model, spec = load_trained_model(model_path)
     size = model_image_size(model)
     rows: list[dict[str, Any]] = []
@@ -38,7 +39,7 @@ def predict_files(model_path: str | Path, image_paths: Sequence[str | Path],
     if not images:
         return rows
     batch = np.stack(images)
-    x = spec.preprocess(batch.astype("float32"))
+    x = spec.network_input(batch)
     proba = np.asarray(model.predict(x, verbose=0, batch_size=32), dtype=float)
     for i, r in zip(kept, proba):
         rows[i].update({"class": CLASSES[int(r.argmax())], "confidence": float(r.max()),
@@ -51,11 +52,6 @@ def predict_files(model_path: str | Path, image_paths: Sequence[str | Path],
 def write_overlays(model, spec, images: np.ndarray, x: np.ndarray, classes: np.ndarray,
                    rows: list[dict[str, Any]], out_dir: Path) -> None:
     """Write one Grad-CAM overlay PNG per image and record its path in the row."""
-    import cv2
-
-    from bloodcell_lib.atomic import write_bytes
-    from bloodcell_lib.explain import gradcam_heatmaps, overlay_heatmap
-
     heat = gradcam_heatmaps(model, x, class_indices=classes, layer=spec.last_conv_layer)
     for k, (img, h, row) in enumerate(zip(images, heat, rows)):
         side = cv2.cvtColor(np.hstack([img, overlay_heatmap(img, h)]), cv2.COLOR_RGB2BGR)

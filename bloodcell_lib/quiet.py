@@ -6,12 +6,12 @@ import contextlib
 import logging
 from typing import Iterator
 
+import tensorflow as tf
+
 
 @contextlib.contextmanager
 def quiet_tensorflow() -> Iterator[None]:
     """Raise TensorFlow's logger to ERROR inside the block (profiler deprecations, deliberate retracing)."""
-    import tensorflow as tf
-
     logger = tf.get_logger()
     level = logger.level
     logger.setLevel(logging.ERROR)

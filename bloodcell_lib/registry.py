@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+
 from keras import applications
 
 from bloodcell_lib.errors import ConfigError
@@ -26,6 +28,10 @@ class ArchSpec:
     last_conv_layer: str  # Grad-CAM target: the last layer with a spatial feature map
     unfreeze_layers: int  # default count of top base layers made trainable in phase 2 (BatchNorm stays frozen)
     notebook: str  # stem of the model's notebook, e.g. notebooks/VGG16.ipynb
+
+    def network_input(self, images_uint8: np.ndarray) -> np.ndarray:
+        """uint8 N×H×W×3 RGB images as this network takes them: float32 through its own preprocess_input."""
+        return np.asarray(self.preprocess(np.array(images_uint8, dtype=np.float32)), dtype=np.float32)
 
 
 # Unfreeze depths follow the networks' own stages: the last stage (or exit flow) of each, so phase 2

@@ -10,7 +10,6 @@ run names, notes and paths come from files on disk.
 from __future__ import annotations
 
 import base64
-import datetime as _dt
 import json
 import math
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from bloodcell_lib.atomic import write_text
 from bloodcell_lib.compare import BASELINE_RUN, Comparison, compare_results, display_paired, display_table
 from bloodcell_lib.errors import OutputError
 from bloodcell_lib.figures import figure_png, plot_bars_with_intervals, plot_scatter
+from bloodcell_lib.results import figure_path, read_results, results_files, run_of, utc_timestamp
 
 REPORT_FILE = "comparison.html"
 TEMPLATE = "comparison.html.j2"
@@ -99,7 +99,7 @@ def report_context(results_dir: Path, comparison: Comparison) -> dict[str, Any]:
         "title": TITLE,
         "purpose": PURPOSE,
         "folder": str(results_dir.resolve()),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_timestamp(),
         "library_version": bloodcell_lib.__version__,
         "has_results": not comparison.table.empty,
         "conclusion": comparison.conclusion(),
@@ -123,10 +123,10 @@ def read_runs(results_dir: Path) -> dict[str, dict[str, Any]]:
     """Every readable `*_results.json` in the folder by run name (unreadable ones are already in the
     comparison's problems list)."""
     runs = {}
-    for path in sorted(results_dir.glob("*_results.json")):
+    for path in results_files(results_dir):
         try:
-            results = json.loads(path.read_text(encoding="utf-8"))
-            runs[results.get("run", results["architecture"])] = results
+            results = read_results(path)
+            runs[run_of(results)] = results
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return runs
@@ -193,7 +193,7 @@ def model_figures(results_dir: Path, table: pd.DataFrame) -> list[dict[str, Any]
     for run, model in zip(table["run"], table["model"]):
         figs = [EmbeddedFigure(caption, png_uri(path.read_bytes()))
                 for kind, caption in MODEL_FIGURES
-                if (path := results_dir / f"{run}_{kind}.png").is_file()]
+                if (path := figure_path(results_dir, run, kind)).is_file()]
         if figs:
             shown.append({"model": model, "run": run, "figures": figs})
     return shown

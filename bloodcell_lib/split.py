@@ -20,13 +20,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
 
 from bloodcell_lib.atomic import write_json, write_text
 from bloodcell_lib.classes import CLASSES, canonical_class
+from bloodcell_lib.config import RunConfig
 from bloodcell_lib.dataset import (SKIPPED_KINDS, DatasetReport, check_dataset, dataset_files, find_data_root,
                                    leakage_audit)
 from bloodcell_lib.dedupe import sha256_file
-from bloodcell_lib.errors import BloodcellError, ImageDecodeError, ProvenanceError, SplitError
+from bloodcell_lib.errors import BloodcellError, ConfigError, ImageDecodeError, ProvenanceError, SplitError
 from bloodcell_lib.images import read_rgb
 
 # The file name of a study's split inside its output folder; every model there is trained on it.
@@ -162,6 +164,53 @@ def load_split(path: str | Path, data_root: str | Path | None = None) -> pd.Data
         leakage_audit=sidecar.get("leakage_audit"),
     )
     return df
+
+
+def resolve_split(cfg: RunConfig, verbose: int = 1,
+                  report: DatasetReport | None = None) -> tuple[pd.DataFrame, Path]:
+    """Return (split, path): the given split, the output folder's split for this dataset, or a new one saved there.
+
+    The study's rule: every model in an output folder trains on its one split. A split there made with other
+    settings is refused (SplitError), never silently overwritten; a dataset that changed since is refused
+    (ProvenanceError). The returned split's attrs["dataset_sha256"] is the fingerprint of its images as checked.
+    report: a DatasetReport of cfg.data_dir already made (saves a second scan of the folder).
+    """
+    if cfg.split_path:
+        path = Path(cfg.split_path)
+        split = load_split(path, data_root=cfg.data_dir)
+        # A split of another dataset, or of this one before it changed, would train on the wrong images.
+        check_split_matches_dataset(split)
+        return split, path
+    if not cfg.data_dir:
+        raise ConfigError("Training needs a dataset: give data_dir (--data-dir) or a split file (--split).")
+    path = cfg.output_path / SPLIT_FILE
+    root = find_data_root(cfg.data_dir).resolve()
+    if path.exists():
+        split = load_split(path)
+        same = {"data_root": str(root), "seed": cfg.seed, "val": cfg.val_fraction, "test": cfg.test_fraction,
+                "split_by": cfg.split_by}
+        found = {k: split.attrs.get(k) for k in same}
+        if found == same:
+            check_split_matches_dataset(split, advice=(
+                f"Make a new split with `python -m bloodcell_lib split {shlex.quote(str(root))} --out "
+                f"{shlex.quote(str(path))} --seed {cfg.seed} --val {cfg.val_fraction} --test {cfg.test_fraction} "
+                f"--split-by {cfg.split_by}` (or delete {path} "
+                f"to have one made), and retrain the models already in {cfg.output_path}: they used the old split."))
+            if verbose:
+                print(f"Using the split already in the output folder: {path}")
+            return split, path
+        raise SplitError(
+            f"{path} holds a split made with other settings ({found}) than this run's ({same}); the models in "
+            f"{cfg.output_path} must share one split. Pass it with --split, or choose another --output folder."
+        )
+    split = make_split(report if report is not None else cfg.data_dir, val=cfg.val_fraction, test=cfg.test_fraction,
+                       seed=cfg.seed, split_by=cfg.split_by, progress=bool(verbose))
+    save_split(split, path)
+    if verbose:
+        print(f"Split written to {path}")
+    split = load_split(path)
+    split.attrs["dataset_sha256"] = dataset_fingerprint(split)
+    return split, path
 
 
 def split_sha256(path: str | Path) -> str:
@@ -403,7 +452,7 @@ def _input_frame(data: Any, progress: bool) -> tuple[pd.DataFrame, Path, Dataset
             raise SplitError("make_split needs a dataset folder, a DatasetReport or a DataFrame, "
                              f"got {type(data).__name__}.")
         frame, root, report = data.to_frame(), data.root, data
-        skipped = [p for p in getattr(data, "problems", []) if getattr(p, "kind", "") in SKIPPED_KINDS]
+        skipped = [p for p in data.problems if p.kind in SKIPPED_KINDS]
         if skipped:
             logger.warning("%d unreadable files are left out of the split (see check-data).", len(skipped))
     missing = {"path", "label", "group"} - set(frame.columns)
@@ -470,8 +519,6 @@ def _carve_fold(y: np.ndarray, units: np.ndarray, idx: np.ndarray, fraction: flo
     A fold qualifies when it holds every class and leaves at least `groups_left` groups of every class
     behind. With few groups, fewer folds (so larger ones) are tried until one qualifies.
     """
-    from sklearn.model_selection import StratifiedGroupKFold
-
     y_sub, g_sub = y[idx], units[idx]
     classes = np.unique(y_sub)
     overall = np.bincount(y_sub, minlength=len(CLASSES)) / len(y_sub)

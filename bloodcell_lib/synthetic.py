@@ -12,6 +12,7 @@ classes, so the background carries no class information unless `shortcut=True` t
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -22,12 +23,13 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from bloodcell_lib.atomic import write_text
+from bloodcell_lib.atomic import write_json, write_text
 from bloodcell_lib.classes import CLASSES, FILE_PREFIXES
 from bloodcell_lib.errors import ConfigError, DatasetError
 from bloodcell_lib.images import HIDDEN_FILES
 
 MANIFEST_NAME = "synth_manifest.csv"
+STAMP_NAME = "synth_params.json"  # ensure_synthetic_dataset's record of the parameters a set was made with
 # Raised whenever the images drawn for the same parameters change, so cached sets are made again.
 # 2: copies drawn from real-world augmentation ranges (any angle, zoom 0.85-1.2, clipping, defocus, JPEG 70-95).
 GENERATOR_VERSION = 2
@@ -147,6 +149,27 @@ def make_synthetic_dataset(
     manifest = write_text(out / MANIFEST_NAME, frame.to_csv(index=False))
     staging.rmdir()
     return manifest
+
+
+def ensure_synthetic_dataset(
+    out: str | Path,
+    per_class: int = 200,
+    size: int = 128,
+    duplicates: int = 2,
+    seed: int = 0,
+    shortcut: bool = False,
+) -> Path:
+    """Return `out` holding the synthetic set of these parameters: made once, then reused until the parameters or
+    GENERATOR_VERSION change (the stand-in a run without a dataset trains on)."""
+    out = Path(out)
+    stamp = out / STAMP_NAME
+    wanted = {"per_class": per_class, "size": size, "duplicates": duplicates, "seed": seed, "shortcut": shortcut,
+              "generator": GENERATOR_VERSION}
+    if stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) == wanted:
+        return out
+    make_synthetic_dataset(out, per_class=per_class, size=size, duplicates=duplicates, seed=seed, shortcut=shortcut)
+    write_json(stamp, wanted)
+    return out
 
 
 def load_manifest(path: str | Path) -> pd.DataFrame:

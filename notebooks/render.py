@@ -15,14 +15,13 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-HERE = Path(__file__).resolve().parent
+from bloodcell_lib.registry import ARCHITECTURES
 
+HERE = Path(__file__).resolve().parent
 
 
 def model_notebooks() -> dict[str, str]:
     """Notebook title → registry key; the registry is the one place architectures are listed."""
-    from bloodcell_lib.registry import ARCHITECTURES
-
     return {spec.notebook: spec.key for spec in ARCHITECTURES.values()}
 
 
@@ -84,15 +83,17 @@ shortcut baseline beside the networks."""),
 
 `PROFILE` picks a preset: `paper` (your Kaggle folder, ImageNet weights, native input size, up to 20
 epochs with early stopping), `demo` (no dataset needed: a synthetic stand-in, small images, few epochs)
-or `smoke` (tiny, for CI); `auto` means `paper` when `DATA_DIR` exists and `demo` otherwise. `None`
-keeps the profile's value. The environment variable `BLOODCELL_PROFILE` overrides the profile."""),
+or `smoke` (tiny, for CI); `auto` means `paper` when `DATA_DIR` is given and `demo` otherwise. `None`
+keeps the profile's value. A value you set always wins: the environment variables `BLOODCELL_PROFILE` and
+`BLOODCELL_OUTPUT` only fill in an `auto` profile and output folder. The summary below names every value
+that was chosen for you, and why."""),
         parameters_cell("""DATA_DIR = None  # the Kaggle folder (or one/two levels above it); None → synthetic demo set
 PROFILE = "auto"  # auto | paper | demo | smoke
 EPOCHS = None  # total over both training phases
 IMAGE_SIZE = None  # "native" or pixels
 BATCH_SIZE = None
 WEIGHTS = None  # "imagenet", "none" or a path to a weights file
-OUTPUT_DIR = "../Saved Models"
+OUTPUT_DIR = "auto"  # a folder (e.g. on Drive); auto → $BLOODCELL_OUTPUT, else ../Saved Models
 SEED = 42"""),
         code(f"""from bloodcell_lib import study
 
@@ -181,7 +182,7 @@ explanation quality and cost. Models that have not been run yet are listed, not 
         md(SETUP_PROSE),
         code(SETUP_CODE),
         md("## Parameters"),
-        parameters_cell("""OUTPUT_DIR = "../Saved Models"  # the folder the model notebooks wrote to"""),
+        parameters_cell("""OUTPUT_DIR = "auto"  # the folder the model notebooks wrote to; auto → $BLOODCELL_OUTPUT, else ../Saved Models"""),
         md("""## The table
 
 The colour-only shortcut baseline (logistic regression on background colour) is trained on the same

@@ -45,9 +45,10 @@ def _mirrored(args: argparse.Namespace) -> None:
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
     from bloodcell_lib.config import RunConfig
+    from bloodcell_lib.devices import choose_strategy
     from bloodcell_lib.model import build_model
     from bloodcell_lib.registry import get_arch
-    from bloodcell_lib.training import choose_strategy, fine_tune
+    from bloodcell_lib.training import fine_tune
 
     strategy = choose_strategy(device_type="CPU")
     spec = get_arch(args.arch)

@@ -6,15 +6,23 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import keras
 import pytest
 
+from bloodcell_lib import evaluation, training
 from bloodcell_lib.cli import main
 from bloodcell_lib.errors import OutputError
+from bloodcell_lib.model import build_model, save_model
+from bloodcell_lib.registry import ARCHITECTURES, ArchSpec
+
+pytestmark = pytest.mark.slow  # every test uses the `world` fixture, which trains a network
 
 
 def _tiny_base(include_top=False, weights=None, input_tensor=None, **_):
@@ -23,20 +31,15 @@ def _tiny_base(include_top=False, weights=None, input_tensor=None, **_):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_set):
     """A tiny synthetic set, its split, a tinynet trained one epoch, a 3- and a 7-class model, a broken .keras."""
-    from bloodcell_lib.model import build_model
-    from bloodcell_lib.registry import ARCHITECTURES, ArchSpec
-    from bloodcell_lib.synthetic import TINY_SET, make_synthetic_dataset
-    from bloodcell_lib.training import save_model
-
     spec = ArchSpec(key="tinynet", display_name="TinyNet", constructor=_tiny_base,
                     preprocess=keras.applications.efficientnet.preprocess_input, native_size=32, min_size=8,
                     last_conv_layer="tiny_conv", unfreeze_layers=1, notebook="TinyNet")
     ARCHITECTURES[spec.key] = spec
     try:
         root = tmp_path_factory.mktemp("bad_input")
-        make_synthetic_dataset(root / "data", seed=3, **TINY_SET)
+        shutil.copytree(tiny_set, root / "data")
         assert main(["train", *_TRAIN.format(data=root / "data", out=root / "OUT").split("|")]) == 0
         for n in (3, 7):
             save_model(build_model("tinynet", num_classes=n, image_size=32, weights=None), root / f"c{n}" / "m.keras")
@@ -106,8 +109,6 @@ def test_a_small_set_with_small_fractions_still_splits(world, capsys, tmp_path):
 @pytest.mark.parametrize("code, fragment", [(errno.ENOSPC, "disk or quota is full"),
                                             (errno.EROFS, "is not writable")])
 def test_full_or_read_only_disk_is_a_clear_error(world, capsys, tmp_path, monkeypatch, code, fragment):
-    import tempfile
-
     def refuse(*args, **kwargs):
         raise OSError(code, os.strerror(code), kwargs.get("dir"))
 
@@ -119,8 +120,6 @@ def test_full_or_read_only_disk_is_a_clear_error(world, capsys, tmp_path, monkey
 
 
 def test_evaluate_writes_all_results_or_none(world, capsys, tmp_path, monkeypatch):
-    import bloodcell_lib.evaluation as evaluation
-
     out = tmp_path / "eval"
     argv = ["evaluate", "--model", str(world / "OUT" / "tinynet.keras"), "--split", str(world / "OUT" / "split.csv"),
             "--output", str(out), "--gradcam-images", "2", "--bootstrap", "10"]
@@ -146,8 +145,6 @@ def test_evaluate_writes_all_results_or_none(world, capsys, tmp_path, monkeypatc
 
 
 def _interrupt_after_first_epoch(monkeypatch):
-    from bloodcell_lib import training
-
     original = training._EpochRecorder.on_epoch_end
 
     def then_ctrl_c(self, epoch, logs=None):
@@ -206,8 +203,6 @@ def test_a_second_run_into_the_same_folder_is_refused_naming_the_first(world, ca
     out.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        import socket
-
         (out / ".tinynet.lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(),
                                                        "started": "2024-01-01T00:00:00+00:00"}))
         got, text = _run(_train_argv(world, out), capsys)
@@ -235,6 +230,19 @@ def test_temporary_files_of_a_save_killed_midway_are_removed_on_the_next_run(wor
 
 def test_explicit_profile_wins_over_the_environment_and_is_printed(world, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("BLOODCELL_PROFILE", "smoke")
-    got, text = _run(["train", "--arch", "vgg16", "--data-dir", str(world / "data"), "--profile", "paper",
-                      "--image-size", "10000", "--output", str(tmp_path)], capsys)
-    assert got == 2 and "Profile paper (given explicitly (it wins over BLOODCELL_PROFILE=smoke))" in text
+    monkeypatch.setenv("BLOODCELL_OUTPUT", str(tmp_path / "from the environment"))
+    # A missing split stops the run right after the configuration is printed.
+    got, text = _run(["train", "--arch", "tinynet", "--data-dir", str(world / "data"), "--profile", "paper",
+                      "--weights", "none", "--image-size", "32", "--output", str(tmp_path / "OUT"),
+                      "--split", str(tmp_path / "no split.csv")], capsys)
+    assert got == 2 and "Traceback" not in text
+    assert "Profile paper (given explicitly (it wins over BLOODCELL_PROFILE=smoke))" in text
+    assert "NOTE: output_dir given explicitly (it wins over BLOODCELL_OUTPUT=" in text
+    assert not (tmp_path / "from the environment").exists()
+
+
+def test_a_size_the_network_cannot_take_is_refused_before_anything_is_built(world, capsys, tmp_path):
+    got, text = _run(["train", "--arch", "xception", "--data-dir", str(world / "data"), "--image-size", "32",
+                      "--weights", "none", "--output", str(tmp_path / "OUT")], capsys)
+    assert got == 2 and "Xception needs images of at least 71×71 pixels, got 32" in text
+    assert "Profile" not in text and not (tmp_path / "OUT").exists()

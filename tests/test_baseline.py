@@ -7,7 +7,7 @@ import pytest
 from bloodcell_lib.baseline import colour_features, run_shortcut_baseline
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.errors import SplitError
-from bloodcell_lib.evaluation import read_predictions
+from bloodcell_lib.results import read_predictions
 from bloodcell_lib.split import make_split, save_split
 from bloodcell_lib.synthetic import load_manifest, make_synthetic_dataset
 

@@ -6,11 +6,15 @@ import argparse
 import subprocess
 import sys
 
+import pytest
+
 from bloodcell_lib.cli import build_parser, main
+from bloodcell_lib.split import make_split, save_split
 
 COMMANDS = ("synth", "check-data", "split", "train", "evaluate", "baseline", "compare", "predict")
 
 
+@pytest.mark.slow  # a subprocess
 def test_help_lists_every_command_on_one_line():
     run = subprocess.run([sys.executable, "-m", "bloodcell_lib", "--help"], capture_output=True, text=True,
                          timeout=60)
@@ -31,13 +35,9 @@ def test_a_library_error_becomes_exit_code_2(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_train_refuses_a_split_of_another_dataset_with_exit_code_2(tmp_path, capsys):
-    from bloodcell_lib.split import make_split, save_split
-    from bloodcell_lib.synthetic import TINY_SET, make_synthetic_dataset
-
-    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    make_synthetic_dataset(ours, seed=0, **TINY_SET)
-    make_synthetic_dataset(theirs, seed=1, **{**TINY_SET, "per_class": 8})
+@pytest.mark.slow  # builds VGG16 before it looks at the data
+def test_train_refuses_a_split_of_another_dataset_with_exit_code_2(tmp_path, capsys, tiny_set, small_set):
+    ours, theirs = tiny_set, small_set  # same file names, more of them, other pixels
     split = save_split(make_split(theirs, progress=False), tmp_path / "their_split.csv")
     code = main(["train", "--arch", "vgg16", "--data-dir", str(ours), "--split", str(split), "--weights", "none",
                  "--image-size", "32", "--epochs", "1", "--output", str(tmp_path / "out")])

@@ -15,7 +15,7 @@ from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.cli import main
 from bloodcell_lib.compare import BASELINE_RUN, ENSEMBLE_RUN, NO_GROUPS, compare_results, markdown_table
 from bloodcell_lib.config import profile_config
-from bloodcell_lib.evaluation import PROB_COLUMNS
+from bloodcell_lib.results import PROB_COLUMNS
 from bloodcell_lib.metrics import compute_metrics, holm_adjust, mcnemar_p, paired_comparison
 from bloodcell_lib.split import split_sha256
 

@@ -1,7 +1,12 @@
+import dataclasses
+
 import pytest
 
-from bloodcell_lib.config import PROFILES, RunConfig, profile_config
+from bloodcell_lib.config import (MAX_SIZE_FACTOR, PROFILES, SYNTHETIC_FOLDER, RunConfig, check_image_size,
+                                  output_dir_override, resolve)
 from bloodcell_lib.errors import ConfigError
+from bloodcell_lib.registry import get_arch
+from bloodcell_lib.study import configure, describe
 
 
 def test_phase_epochs_sum_to_budget():
@@ -22,20 +27,38 @@ def test_image_size_text_is_parsed():
         RunConfig(image_size="big")
 
 
+def test_a_configuration_is_immutable_and_changes_only_through_replace_and_its_checks():
+    cfg = RunConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.image_size = 32
+    assert cfg.replace(epochs=3).epochs == 3 and cfg.epochs == 20
+    with pytest.raises(ConfigError, match="epochs"):
+        cfg.replace(epochs=0)
+
+
+def test_precedence_explicit_over_environment_over_profile_over_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("BLOODCELL_PROFILE", "smoke")
+    monkeypatch.setenv("BLOODCELL_OUTPUT", str(tmp_path / "env"))
+    cfg = resolve("auto", batch_size=8)
+    assert cfg.profile == "smoke" and cfg.why("profile") == "from the environment variable BLOODCELL_PROFILE"
+    assert cfg.batch_size == 8  # explicit beats the profile's 16
+    assert cfg.epochs == PROFILES["smoke"]["epochs"]  # the profile beats RunConfig's default
+    assert cfg.dropout == RunConfig.dropout  # nothing else names it: the default
+    assert cfg.output_dir == str(tmp_path / "env") and "BLOODCELL_OUTPUT" in cfg.why("output_dir")
+    cfg = resolve("paper", output_dir=str(tmp_path / "mine"))
+    assert cfg.profile == "paper" and cfg.why("profile") == "given explicitly (it wins over BLOODCELL_PROFILE=smoke)"
+    assert cfg.output_dir == str(tmp_path / "mine") and "it wins over BLOODCELL_OUTPUT" in cfg.why("output_dir")
+
+
 def test_environment_profile_overrides_only_an_unset_or_auto_profile(monkeypatch):
     monkeypatch.setenv("BLOODCELL_PROFILE", "smoke")
     for implicit in (None, "auto"):
-        cfg = profile_config(implicit, arch="vgg16")
+        cfg = resolve(implicit, arch="vgg16")
         assert cfg.profile == "smoke" and cfg.epochs == PROFILES["smoke"]["epochs"] and cfg.arch == "vgg16"
-        assert "BLOODCELL_PROFILE" in cfg.extra["profile_source"]
-    # Explicit beats implicit: a profile the user typed is never replaced silently, and the notice says so.
-    cfg = profile_config("paper", arch="vgg16")
-    assert cfg.profile == "paper" and "wins over BLOODCELL_PROFILE=smoke" in cfg.extra["profile_source"]
+        assert "BLOODCELL_PROFILE" in cfg.why("profile")
 
 
 def test_notebook_auto_profile_follows_the_environment_and_explicit_wins(monkeypatch, tmp_path):
-    from bloodcell_lib.study import configure, describe
-
     monkeypatch.setenv("BLOODCELL_PROFILE", "smoke")
     data = tmp_path / "data"
     data.mkdir()
@@ -44,9 +67,11 @@ def test_notebook_auto_profile_follows_the_environment_and_explicit_wins(monkeyp
     assert cfg.profile == "paper" and "Profile      : paper (given explicitly" in describe(cfg)
 
 
-def test_unknown_profile_is_a_clear_error():
+def test_unknown_profile_and_parameter_are_clear_errors():
     with pytest.raises(ConfigError, match="paper, demo, smoke"):
-        profile_config("fast")
+        resolve("fast")
+    with pytest.raises(ConfigError, match="colour"):
+        resolve("smoke", colour="red")
 
 
 def test_replace_rejects_unknown_fields():
@@ -54,17 +79,59 @@ def test_replace_rejects_unknown_fields():
         RunConfig().replace(colour="red")
 
 
-def test_output_environment_variable_overrides_the_notebook_folder(monkeypatch):
-    from bloodcell_lib.config import output_dir_override
+def test_a_preset_image_size_below_the_minimum_is_raised_with_a_note_an_explicit_one_is_refused():
+    xception = get_arch("xception")
+    cfg = resolve("smoke", spec=xception)
+    assert cfg.image_size == xception.min_size == 71
+    assert cfg.why("image_size").startswith("32 → 71: the smallest Xception accepts")
+    assert "NOTE: image_size 32 → 71" in "\n".join(cfg.note_lines())
+    assert resolve("smoke", spec=get_arch("vgg16")).why("image_size") is None  # 32 fits: nothing to say
+    with pytest.raises(ConfigError, match="at least 71×71"):
+        resolve("smoke", spec=xception, image_size=32)
+    with pytest.raises(ConfigError, match="the limit is 598"):
+        resolve("paper", spec=xception, image_size="1000")
 
-    assert output_dir_override("../Saved Models") == "../Saved Models"
+
+def test_the_image_size_rule():
+    vgg = get_arch("vgg16")
+    assert check_image_size(vgg, "native") == check_image_size(vgg, None) == 224
+    assert check_image_size(vgg, "64") == 64
+    assert check_image_size(vgg, MAX_SIZE_FACTOR * 224) == 448
+    for refused in (31, 449, "big"):
+        with pytest.raises(ConfigError):
+            check_image_size(vgg, refused)
+
+
+def test_without_a_dataset_the_stand_in_is_chosen_and_noted_but_paper_needs_the_real_one(tmp_path):
+    cfg = resolve("auto", stand_in=True, output_dir=str(tmp_path))
+    assert cfg.profile == "demo" and cfg.why("profile") == "the default without a dataset"
+    assert cfg.data_dir == str(tmp_path / SYNTHETIC_FOLDER) and "no dataset given" in cfg.why("data_dir")
+    assert resolve("auto", stand_in=True, data_dir=str(tmp_path)).profile == "paper"
+    with pytest.raises(ConfigError, match="pass --data-dir"):
+        resolve("paper", stand_in=True)
+    assert resolve("paper").data_dir is None  # no stand-in allowed: nothing is made up
+
+
+def test_unreachable_imagenet_weights_fall_back_loudly_in_the_demo_only():
+    offline = lambda arch: False  # noqa: E731
+    cfg = resolve("demo", spec=get_arch("vgg16"), imagenet_reachable=offline)
+    assert cfg.weights is None and "IMAGENET WEIGHTS ARE NOT REACHABLE" in cfg.why("weights")
+    assert resolve("paper", spec=get_arch("vgg16"), imagenet_reachable=offline).weights == "imagenet"
+    assert resolve("demo", spec=get_arch("vgg16"), imagenet_reachable=lambda arch: True).weights == "imagenet"
+
+
+def test_output_folder_of_the_notebooks_explicit_wins_auto_follows_the_environment(monkeypatch):
+    assert output_dir_override("auto") == "../Saved Models"
+    assert output_dir_override("elsewhere") == "elsewhere"
     monkeypatch.setenv("BLOODCELL_OUTPUT", "/tmp/elsewhere")
-    assert output_dir_override("../Saved Models") == "/tmp/elsewhere"
+    assert output_dir_override("auto") == output_dir_override(None) == "/tmp/elsewhere"
+    assert output_dir_override("../Saved Models") == "../Saved Models"
 
 
-def test_a_recorded_configuration_comes_back_with_overrides():
-    recorded = {**profile_config("smoke", seed=7).to_dict(), "from_a_newer_version": 1}
+def test_a_recorded_configuration_comes_back_with_overrides_and_notes():
+    recorded = {**resolve("smoke", seed=7).to_dict(), "from_a_newer_version": 1, "extra": {"notes": []}}
     cfg = RunConfig.from_dict(recorded, bootstrap=None, gradcam_images=3)
     assert (cfg.profile, cfg.seed, cfg.bootstrap, cfg.gradcam_images) == ("smoke", 7, 100, 3)
+    assert cfg.why("profile") == "given explicitly"
     with pytest.raises(ConfigError):
         RunConfig.from_dict(recorded, no_such_parameter=1)

@@ -12,14 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import adjusted_rand_score
 
 from bloodcell_lib import images, synthetic
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.dataset import check_dataset, find_data_root
 from bloodcell_lib.errors import DatasetError, MissingClassError
-
-TINY = {"per_class": 6, "size": 48, "duplicates": 1}  # 12 files per class
-
 
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file's SHA-256 and every folder, by path: equal snapshots mean nothing was written."""
@@ -53,11 +51,11 @@ def random_rgb(seed: int, size: int = 40) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def messy(tmp_path_factory):
+def messy(tmp_path_factory, tiny_set):
     """A Kaggle-style unzip with every kind of trouble, under a path with spaces and non-ASCII characters."""
     requested = tmp_path_factory.mktemp("ds") / "my data" / "Blütenzellen 血液"
     root = requested / "Blood Cell Images" / "dataset"
-    synthetic.make_synthetic_dataset(root, seed=3, **TINY)
+    shutil.copytree(tiny_set, root)  # the tiny set: 6 cells per class, one copy each
     (root / "seg_neutrophil").rename(root / "Segmented Neutrophils")  # an alias folder name
     base = np.asarray(Image.open(next((root / "basophil").glob("*.jpg"))).convert("RGB"))
     good = png_bytes(Image.fromarray(random_rgb(1)))
@@ -153,6 +151,7 @@ def test_counts_modes_and_sizes(messy):
     assert all(r.group.startswith("g") for r in report.records)
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_the_dataset_folder_is_left_byte_identical(messy, tmp_path):
     requested, root, before, report = messy
     report.save_json(tmp_path / "report.json")
@@ -185,12 +184,11 @@ def test_to_frame_has_the_contract_columns(messy):
 
 
 @pytest.fixture
-def tiny(tmp_path):
-    root = tmp_path / "tiny set"
-    synthetic.make_synthetic_dataset(root, seed=1, **TINY)
-    return root
+def tiny(tiny_set_copy):
+    return tiny_set_copy
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_missing_class_is_an_error_with_exit_code_2(tiny):
     shutil.rmtree(tiny / "monocyte")
     with pytest.raises(MissingClassError, match="monocyte") as info:
@@ -252,8 +250,6 @@ def acceptance_set(tmp_path_factory):
 
 
 def test_synthetic_copies_are_found_and_distinct_cells_stay_apart(acceptance_set, capsys):
-    from sklearn.metrics import adjusted_rand_score
-
     report = check_dataset(acceptance_set, progress=True)
     assert "Checking images" in capsys.readouterr().err  # 450 files: a progress bar on stderr
     assert report.counts == {c: 90 for c in CLASSES}

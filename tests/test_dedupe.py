@@ -158,3 +158,20 @@ def test_pair_precision_and_recall_on_the_copy_set_meet_the_targets(copy_set):
     assert audit["test_images_with_match_in_train"] == 0, audit
     leaky = make_split(report, seed=5, split_by="image", progress=False)
     assert leaky.attrs["leakage_audit"]["test_images_with_match_in_train"] > 0.3 * audit["n_test"]
+
+
+def test_one_false_pair_does_not_chain_two_groups_of_copies():
+    fields = [smear(40), smear(41)]
+    copies = [crop(f, angle=a, zoom=z) for f in fields for a, z in ((0, 1.0), (120, 1.1), (250, 0.9))]
+    prints = [cell_print(c) for c in copies]
+    scored = near_duplicate_pairs(prints, candidates=5)
+    # A verifier mistake: the closest cross pair is called a copy, just at the threshold (where false pairs sit).
+    cross = np.array([[i, j] for i in range(3) for j in range(3, 6)])
+    false = cross[np.argmax(verify_pairs(np.stack([p.polar for p in prints]),
+                                         np.stack([p.polar for p in prints]), cross))]
+    pairs = np.vstack([scored.pairs, false[None]])
+    scores = np.append(scored.scores, MIN_SCORE).astype(np.float32)
+    forced = dedupe.PairScores(pairs, scores, MIN_SCORE)
+    sha = [str(i) for i in range(6)]
+    assert len(set(group_duplicates(sha, pairs[forced.accepted]).tolist())) == 1  # single linkage chains them
+    assert dedupe.group_copies(sha, prints, forced).tolist() == [0, 0, 0, 1, 1, 1]

@@ -12,7 +12,9 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
 from bloodcell_lib.classes import CLASSES
-from bloodcell_lib.evaluation import PROB_COLUMNS, select_gradcam_examples
+from bloodcell_lib.evaluation import select_gradcam_examples
+from bloodcell_lib.explain import gradcam_side_by_side
+from bloodcell_lib.results import PROB_COLUMNS, load_gradcam
 
 ARCHS = ("vgg16", "efficientnetb3")
 
@@ -50,6 +52,7 @@ def evaluated(trained):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.slow  # trains VGG16 and EfficientNetB3 through CLI subprocesses
 def test_numbers_recompute_from_the_predictions_csv(evaluated, arch):
     _, out = evaluated
     results = json.loads((out / f"{arch}_results.json").read_text())
@@ -63,6 +66,7 @@ def test_numbers_recompute_from_the_predictions_csv(evaluated, arch):
     assert sorted(frame.path) == sorted(split.loc[split.subset == "test", "path"])
 
 
+@pytest.mark.slow  # the trained VGG16 and EfficientNetB3
 def test_results_file_holds_every_block(evaluated):
     _, out = evaluated
     results = json.loads((out / "efficientnetb3_results.json").read_text())
@@ -81,6 +85,7 @@ def test_results_file_holds_every_block(evaluated):
         assert (out / f"efficientnetb3_{name}.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # the trained VGG16 and EfficientNetB3, CLI subprocesses
 def test_compare_cli_prints_both_models_baseline_and_mcnemar(evaluated):
     _, out = evaluated
     assert _cli("baseline", "--split", str(out / "split.csv"), "--output", str(out)).returncode == 0
@@ -94,24 +99,53 @@ def test_compare_cli_prints_both_models_baseline_and_mcnemar(evaluated):
     assert len(pd.read_csv(out / "comparison.csv")) == 4  # two CNNs, their soft-vote ensemble, the baseline
 
 
-def test_gradcam_examples_cover_right_and_wrong_of_every_class():
-    frame = pd.DataFrame({"true_label": np.repeat(CLASSES, 4), "pred_label": np.repeat(CLASSES, 4)})
-    frame.loc[::4, "pred_label"] = "monocyte"  # one wrong prediction per class (or right, for monocyte)
-    idx = select_gradcam_examples(frame, 10)
-    chosen = frame.iloc[idx]
+def test_gradcam_examples_are_chosen_from_the_true_labels_alone():
+    labels = np.tile(CLASSES, 4)  # 20 test images, 4 per class, classes interleaved as in a split file
+    idx = select_gradcam_examples(labels, 10, seed=7)
+    chosen = labels[idx]
     assert len(idx) == 10 and len(set(idx)) == 10
-    for name in CLASSES:
-        rows = chosen[chosen.true_label == name]
-        assert (rows.pred_label == name).any()
-        if name != "monocyte":
-            assert (rows.pred_label != name).any()
+    assert all((chosen == name).sum() == 2 for name in CLASSES)  # class-stratified
+    assert list(chosen) == sorted(chosen, key=CLASSES.index)  # grouped by class, in CLASSES order
+    # Seeded, and no predictions involved: every model of a study is explained on these very images.
+    assert np.array_equal(idx, select_gradcam_examples(list(labels), 10, seed=7))
+    assert not np.array_equal(idx, select_gradcam_examples(labels, 10, seed=8))
+    # A smaller n takes the first of each class: the side-by-side figure's images are among every run's.
+    assert set(select_gradcam_examples(labels, 5, seed=7)) == set(idx[::2])
+    # A class with few images gives what it has; the others fill up.
+    scarce = np.array(["basophil"] + ["monocyte"] * 6 + ["myeloblast"] * 6)
+    picked = scarce[select_gradcam_examples(scarce, 8, seed=0)]
+    assert list(picked).count("basophil") == 1 and sorted(set(picked)) == ["basophil", "monocyte", "myeloblast"]
+    assert len(select_gradcam_examples(scarce, 50, seed=0)) == len(scarce)
+    assert len(select_gradcam_examples(scarce, 0, seed=0)) == 0
 
 
+@pytest.mark.slow  # the trained VGG16 and EfficientNetB3
+def test_every_model_is_explained_on_the_same_images_and_shown_side_by_side(evaluated):
+    _, out = evaluated
+    saved = [load_gradcam(out, arch) for arch in ARCHS]
+    assert saved[0].paths == saved[1].paths and len(saved[0].paths) == 10
+    assert {CLASSES[t] for t in saved[0].true} == set(CLASSES)
+    for arch, examples in zip(ARCHS, saved):
+        block = json.loads((out / f"{arch}_results.json").read_text())["explainability"]
+        assert block["image_paths"] == examples.paths and block["examples_file"] == f"{arch}_gradcam.npz"
+        frame = pd.read_csv(out / f"{arch}_predictions.csv").set_index("path")
+        assert [CLASSES[p] for p in examples.pred] == list(frame.loc[examples.paths, "pred_label"])
+        assert [CLASSES[t] for t in examples.true] == list(frame.loc[examples.paths, "true_label"])
+        assert examples.heatmaps.dtype == np.float16 and examples.heatmaps.shape == (10, 32, 32)
+        assert examples.heatmaps.max() <= 1.0 and examples.heatmaps.min() >= 0.0
+    fig = gradcam_side_by_side(out)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == len(ARCHS) * len(CLASSES)  # a row per model, one image per class
+    assert shown[0].get_title().startswith("VGG16") and shown[len(CLASSES)].get_title().startswith("EfficientNetB3")
+
+
+@pytest.mark.slow  # a CLI subprocess
 def test_missing_model_file_is_a_clear_error(tmp_path):
     run = _cli("evaluate", "--model", str(tmp_path / "nope.keras"), "--split", str(tmp_path / "s.csv"))
     assert run.returncode == 2 and "nope.keras" in run.stderr
 
 
+@pytest.mark.slow  # the trained VGG16
 def test_the_test_subset_gets_exactly_one_prediction_pass(trained, tmp_path):
     from bloodcell_lib.evaluation import evaluate
     from bloodcell_lib.model import load_trained_model

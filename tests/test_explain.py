@@ -5,13 +5,14 @@ green blob that says nothing about the class. A faithful explanation must point 
 """
 
 import json
+import shutil
 
-import cv2
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.errors import ConfigError, ModelError
 from bloodcell_lib.explain import (
     default_layer,
@@ -19,12 +20,14 @@ from bloodcell_lib.explain import (
     explain_summary,
     focus_score,
     gradcam_heatmaps,
+    gradcam_side_by_side,
     overlay_heatmap,
     randomised_copy,
     sanity_check,
     spearman_per_image,
-    stain_mask,
 )
+from bloodcell_lib.results import GradcamExamples, write_gradcam
+from bloodcell_lib.synthetic import TINY_SET, load_manifest, make_synthetic_dataset
 
 SIZE, RADIUS = 32, 4
 
@@ -169,6 +172,7 @@ def test_saved_and_reloaded_model_gives_the_same_maps(blob, tmp_path):
     np.testing.assert_allclose(gradcam_heatmaps(loaded, x[:8]), gradcam_heatmaps(model, x[:8]), atol=1e-5)
 
 
+@pytest.mark.slow  # a full ResNet50
 def test_flat_keras_applications_model_before_and_after_saving(tmp_path):
     """Built like model.py builds it: the base takes input_tensor, so its conv layers are the model's own."""
     keras.utils.set_random_seed(1)
@@ -237,52 +241,42 @@ def test_overlay_heatmap_is_rgb_with_hot_in_red():
         overlay_heatmap(image.astype(np.float32), heat)
 
 
-def smear(size, seed, centre, axes, angle=30, tint=(1.0, 1.0, 1.0), cell=True):
-    """A white cell (pale lilac cytoplasm, dark purple nucleus) among pink red cells on light glass."""
-    rng = np.random.default_rng(seed)
-    img = np.full((size, size, 3), (242, 236, 240), np.uint8)
-    for _ in range(14):
-        c = tuple(int(v) for v in rng.integers(0, size, 2))
-        r = int(rng.integers(size // 12, size // 7))
-        cv2.circle(img, c, r, (228, 150, 170), -1)
-        cv2.circle(img, c, r // 2, (238, 190, 200), -1)
-    truth = np.zeros((size, size), np.uint8)
-    if cell:
-        cv2.ellipse(truth, centre, axes, angle, 0, 360, 1, -1)
-        cv2.ellipse(img, centre, axes, angle, 0, 360, (170, 140, 200), -1)
-        cv2.ellipse(img, (centre[0] + 3, centre[1] - 2), (axes[0] // 2, axes[1] // 2), angle + 40, 0, 360,
-                    (95, 45, 140), -1)
-    noisy = img.astype(float) * np.array(tint) + rng.normal(0, 6, img.shape)
-    return np.clip(noisy, 0, 255).astype(np.uint8), truth.astype(bool)
+def _saved_examples(folder, run, name, data, order, size=40):
+    """Write `<run>_gradcam.npz` for the manifest rows at `order`: true class, a wrong prediction for odd rows."""
+    rows = load_manifest(data).iloc[order]
+    true = rows["class"].map(CLASSES.index).to_numpy()
+    pred = np.where(np.arange(len(rows)) % 2, (true + 1) % len(CLASSES), true)
+    heat = np.tile(np.linspace(0, 1, 16, dtype=np.float32), (len(rows), 16, 1))
+    write_gradcam(folder, GradcamExamples(run=run, display_name=name, data_root=str(data), paths=list(rows["file"]),
+                                          true=true, pred=pred, heatmaps=heat, image_size=size, layer="conv",
+                                          method="gradcam"))
+    return dict(zip(rows["file"], zip(true, pred)))
 
 
-@pytest.mark.parametrize("size, centre, tint", [
-    (64, (32, 30), (1.0, 1.0, 1.0)),
-    (128, (60, 66), (1.04, 1.0, 0.91)),  # warm lamp: white balance must undo it
-    (256, (126, 130), (0.93, 0.98, 1.04)),  # cool lamp
-    (128, (14, 64), (1.0, 1.0, 1.0)),  # cell cut by the image border
-])
-def test_stain_mask_recovers_the_cell(size, centre, tint):
-    image, truth = smear(size, seed=size, centre=centre, axes=(size // 4, size // 5), tint=tint)
-    mask = stain_mask(image)
-    assert mask.dtype == bool and mask.shape == truth.shape
-    assert (mask & truth).sum() / (mask | truth).sum() > 0.8
-
-
-def test_stain_mask_is_empty_without_a_stained_cell():
-    image, _ = smear(96, seed=3, centre=(48, 48), axes=(24, 20), cell=False)
-    assert stain_mask(image).sum() == 0
-    assert stain_mask(np.full((32, 32, 3), 240, np.uint8)).sum() == 0
-
-
-def test_stain_mask_on_the_synthetic_set(tmp_path):
-    from bloodcell_lib.images import read_rgb
-    from bloodcell_lib.synthetic import load_manifest, make_synthetic_dataset, manifest_mask
-
-    manifest = make_synthetic_dataset(tmp_path / "synth", per_class=4, size=96, duplicates=1, seed=5)
-    ious = []
-    for _, row in load_manifest(manifest).iterrows():
-        image = read_rgb(manifest.parent / row["file"])
-        truth, mask = manifest_mask(row, *image.shape[:2]), stain_mask(image)
-        ious.append((mask & truth).sum() / max((mask | truth).sum(), 1))
-    assert np.mean(ious) > 0.75
+def test_side_by_side_draws_the_saved_examples_every_model_shares(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    make_synthetic_dataset(data, seed=1, **TINY_SET)
+    out.mkdir()
+    assert isinstance(gradcam_side_by_side(out), str)  # nothing saved yet: a sentence, not a figure
+    per_class = TINY_SET["per_class"] * (1 + TINY_SET["duplicates"])
+    firsts = [k * per_class + i for k in range(len(CLASSES)) for i in range(3)]  # three of each class
+    vgg = _saved_examples(out, "vgg16", "VGG16", data, firsts)
+    _saved_examples(out, "resnet50", "ResNet50", data, [i for i in firsts[::-1] if i != firsts[2]], size=32)
+    fig = gradcam_side_by_side(out, per_class=2)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == 2 * 2 * len(CLASSES)  # registry order: VGG16's row, then ResNet50's
+    assert [ax.get_title().split("\n")[0] for ax in shown] == ["VGG16"] * 10 + ["ResNet50"] * 10
+    assert shown[0].images[0].get_array().shape[:2] == (40, 40)  # each model's own image size
+    assert shown[10].images[0].get_array().shape[:2] == (32, 32)
+    # VGG16's first two of each class, all of which ResNet50 explained too; right in green, wrong in red.
+    expected = [v for k in range(len(CLASSES)) for v in list(vgg.values())[3 * k:3 * k + 2]]
+    for ax, (true, pred) in zip(shown[:10], expected):
+        assert ax.get_title().endswith(f"true {CLASSES[true]}\npred {CLASSES[pred]}")
+        assert ax.title.get_color() == ("green" if true == pred else "red")
+    # ResNet50 (another order) lacks VGG16's third basophil: the figure shows only images both explained.
+    three = gradcam_side_by_side(out, per_class=3, runs=["vgg16", "resnet50"])
+    assert len([ax for ax in three.axes if ax.images]) == 2 * (3 * len(CLASSES) - 1)
+    # Images that moved since evaluation are found with data_dir.
+    moved = tmp_path / "moved"
+    shutil.move(data, moved)
+    assert len(gradcam_side_by_side(out, runs=["vgg16"], data_dir=moved).axes) >= len(CLASSES)

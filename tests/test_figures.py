@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bloodcell_lib import figures
 
@@ -53,6 +54,7 @@ def test_figure_png_renders_bytes():
     assert figures.figure_png(figures.plot_scatter([1, 2], [0.5, 0.6], ["a", "b"], "x", "y")).startswith(PNG_MAGIC)
 
 
+@pytest.mark.slow  # starts a kernel process
 def test_a_figure_displays_as_png_in_a_notebook_kernel():
     """Regression: our pyplot-free figures used to print as '<Figure size ...>' text in notebooks."""
     from nbclient import NotebookClient

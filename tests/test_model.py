@@ -1,17 +1,19 @@
-"""build_model: flat graph, head, sizes, weights sources; load_trained_model: round trip and clear errors."""
+"""build_model: flat graph, head, sizes, weights sources; save_model: atomic; load_trained_model: round trip and
+clear errors."""
 
 import hashlib
 import time
+from pathlib import Path
 
 import h5py
 import keras
 import numpy as np
 import pytest
 
-from bloodcell_lib.errors import ConfigError, ModelError, WeightsError
+from bloodcell_lib.errors import ConfigError, ModelError, OutputError, WeightsError
 from bloodcell_lib.model import (
     base_layers, build_model, describe_weights, head_layers, imagenet_available, load_trained_model,
-    model_image_size,
+    model_image_size, save_model,
 )
 from bloodcell_lib.registry import ARCHITECTURES
 
@@ -24,6 +26,7 @@ def models():
     return {key: build_model(key, image_size=spec.min_size, weights=None) for key, spec in ARCHITECTURES.items()}
 
 
+@pytest.mark.slow  # every registry network
 @pytest.mark.parametrize("key", KEYS)
 def test_graph_is_flat_and_the_gradcam_layer_is_the_last_feature_map(models, key):
     model, spec = models[key], ARCHITECTURES[key]
@@ -38,6 +41,7 @@ def test_graph_is_flat_and_the_gradcam_layer_is_the_last_feature_map(models, key
     assert model_image_size(model) == spec.min_size
 
 
+@pytest.mark.slow  # every registry network
 @pytest.mark.parametrize("key", KEYS)
 def test_save_and_load_gives_identical_predictions_and_keeps_the_gradcam_layer(models, key, tmp_path):
     model, spec = models[key], ARCHITECTURES[key]
@@ -50,6 +54,7 @@ def test_save_and_load_gives_identical_predictions_and_keeps_the_gradcam_layer(m
     assert loaded.get_layer(spec.last_conv_layer).output.shape == model.get_layer(spec.last_conv_layer).output.shape
 
 
+@pytest.mark.slow  # every registry network (the shared fixture)
 def test_head_is_pooling_dropout_softmax_over_five_classes(models):
     model = models["vgg16"]
     head = head_layers(model)
@@ -60,6 +65,7 @@ def test_head_is_pooling_dropout_softmax_over_five_classes(models):
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow  # VGG16
 def test_optional_hidden_block_and_class_count():
     model = build_model("vgg16", num_classes=3, image_size=32, weights=None, dropout=0.5, hidden_units=16)
     assert [layer.name for layer in head_layers(model)] == [
@@ -68,6 +74,7 @@ def test_optional_hidden_block_and_class_count():
     assert model.output.shape[-1] == 3 and model.get_layer("head_hidden").units == 16
 
 
+@pytest.mark.slow  # VGG16
 def test_softmax_stays_float32_under_mixed_precision():
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
@@ -79,6 +86,7 @@ def test_softmax_stays_float32_under_mixed_precision():
     assert model(np.zeros((1, 32, 32, 3), np.float32)).dtype == "float32"
 
 
+@pytest.mark.slow  # VGG16 at 224 px
 @pytest.mark.parametrize("size", [None, "native"])
 def test_native_size_by_default(size):
     assert model_image_size(build_model("vgg16", image_size=size, weights=None)) == 224
@@ -97,6 +105,7 @@ def _write_legacy_notop_h5(base, path):
         legacy.save_weights_to_hdf5_group(fh, base)
 
 
+@pytest.mark.slow  # VGG16
 @pytest.mark.parametrize("fmt", ["notop.h5", "weights.h5"])
 def test_weights_from_a_local_file_are_loaded_into_the_base(tmp_path, fmt):
     reference = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
@@ -112,6 +121,7 @@ def test_weights_from_a_local_file_are_loaded_into_the_base(tmp_path, fmt):
     assert hashlib.sha256(path.read_bytes()).hexdigest() in describe_weights(path)
 
 
+@pytest.mark.slow  # VGG16 and ResNet50
 def test_weights_of_another_network_or_no_file_are_weights_errors(tmp_path):
     path = tmp_path / "vgg16_notop.h5"
     _write_legacy_notop_h5(keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)), path)
@@ -126,6 +136,7 @@ def test_describe_weights_says_what_initialised_the_base():
     assert describe_weights(None) == "none (random init)"
 
 
+@pytest.mark.slow  # EfficientNetB3 is built before the download
 def test_offline_imagenet_fails_within_seconds_naming_the_alternatives():
     if imagenet_available("efficientnetb3"):
         pytest.skip("ImageNet weights are reachable here (cached or online); this test is about offline machines")
@@ -149,3 +160,20 @@ def test_load_trained_model_explains_missing_corrupt_and_foreign_files(tmp_path)
     keras.Model(inputs, keras.layers.Dense(2)(inputs), name="mystery").save(foreign)
     with pytest.raises(ModelError, match="mystery"):
         load_trained_model(foreign)
+
+
+@pytest.mark.slow  # VGG16
+def test_a_crash_while_saving_leaves_the_previous_model_intact(tmp_path, monkeypatch):
+    model = build_model("vgg16", image_size=32, weights=None)
+    path = save_model(model, tmp_path / "vgg16.keras")
+    good = path.read_bytes()
+
+    def crashing_save(self, filepath, *args, **kwargs):
+        Path(filepath).write_bytes(b"PK\x03\x04 half an archive")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(keras.Model, "save", crashing_save)
+    with pytest.raises(OutputError, match="disk full"):
+        save_model(model, path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["vgg16.keras"]

@@ -17,11 +17,11 @@ from bloodcell_lib.pipeline import (
     ROUTE_TF,
     augment_batch,
     augment_image,
-    class_weights,
     decode_route,
     load_images,
     make_dataset,
 )
+from bloodcell_lib.predict import prepare_image
 
 S = 32
 
@@ -243,21 +243,6 @@ def test_augmentation_is_seeded_and_yields_all_eight_orientations(dataset):
     assert {closest(img) for img in batch} == set(range(8))
 
 
-def test_class_weights_are_balanced():
-    from sklearn.utils.class_weight import compute_class_weight
-
-    y = np.array([0] * 10 + [1] * 30 + [3] * 5)
-    weights = class_weights(y)
-    expected = compute_class_weight("balanced", classes=np.array([0, 1, 3]), y=y)
-    assert [weights[k] for k in (0, 1, 3)] == pytest.approx(expected)
-    assert weights[2] == 0.0 and weights[4] == 0.0 and sorted(weights) == [0, 1, 2, 3, 4]
-    assert sum(weights[k] * n for k, n in ((0, 10), (1, 30), (3, 5))) == pytest.approx(len(y))
-    with pytest.raises(DatasetError):
-        class_weights([0, 5])
-    with pytest.raises(DatasetError):
-        class_weights([])
-
-
 def test_a_preprocess_xla_cannot_compile_still_runs(dataset):
     """The pipeline compiles per-batch work with XLA; a preprocess XLA refuses falls back to the plain graph."""
 
@@ -276,8 +261,6 @@ def test_a_preprocess_xla_cannot_compile_still_runs(dataset):
 
 
 def test_predict_prepares_images_exactly_like_the_pipeline(dataset):
-    from bloodcell_lib.predict import prepare_image
-
     images, _, paths = load_images(dataset, "val", S)
     root = dataset.attrs["data_root"]
     for image, rel in zip(images, paths):

@@ -16,7 +16,7 @@ from bloodcell_lib.classes import CLASSES
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     from bloodcell_lib.model import build_model
-    from bloodcell_lib.training import save_model
+    from bloodcell_lib.model import save_model
 
     path = tmp_path_factory.mktemp("predict") / "efficientnetb3.keras"
     save_model(build_model("efficientnetb3", image_size=32, weights=None), path)
@@ -36,6 +36,7 @@ def images(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # EfficientNetB3 through a CLI subprocess
 def test_predict_cli_prints_classes_and_writes_overlays(saved_model, images, tmp_path):
     files = [images / "large smear.jpg", images / "alpha.png", images / "broken.jpg"]
     run = subprocess.run([sys.executable, "-m", "bloodcell_lib", "predict", "--model", str(saved_model),
@@ -52,6 +53,7 @@ def test_predict_cli_prints_classes_and_writes_overlays(saved_model, images, tmp
     assert "error" in rows[2] and "broken.jpg" in rows[2]["error"]
 
 
+@pytest.mark.slow  # EfficientNetB3 through a CLI subprocess
 def test_predict_text_output(saved_model, images):
     run = subprocess.run([sys.executable, "-m", "bloodcell_lib", "predict", "--model", str(saved_model),
                           str(images / "alpha.png")], capture_output=True, text=True, timeout=300)

@@ -11,9 +11,9 @@ import tensorflow as tf
 import bloodcell_lib
 from bloodcell_lib.config import RunConfig
 from bloodcell_lib.errors import ConfigError
-from bloodcell_lib.model import build_model, load_trained_model
+from bloodcell_lib.model import build_model, load_trained_model, save_model
 from bloodcell_lib.registry import ARCHITECTURES, ArchSpec, get_arch
-from bloodcell_lib.training import fine_tune, save_model
+from bloodcell_lib.training import fine_tune
 
 PAPER = {"vgg16": 224, "resnet50": 224, "xception": 299, "densenet201": 224, "efficientnetb3": 300}
 
@@ -71,6 +71,7 @@ def test_no_module_but_the_registry_branches_on_an_architecture_name():
     assert offenders == []
 
 
+@pytest.mark.slow  # EfficientNetV2B0, built and fine-tuned
 def test_a_sixth_network_is_one_registry_entry(monkeypatch, tmp_path):
     spec = ArchSpec(
         key="efficientnetv2b0", display_name="EfficientNetV2B0",

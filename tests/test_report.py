@@ -17,7 +17,7 @@ from bloodcell_lib.atomic import TEMP_MARK, write_json
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.compare import BASELINE_RUN, compare_results
 from bloodcell_lib.errors import OutputError
-from bloodcell_lib.evaluation import PROB_COLUMNS
+from bloodcell_lib.results import PROB_COLUMNS
 from bloodcell_lib.metrics import compute_metrics
 from bloodcell_lib.report import REPORT_FILE, TEMPLATE, cell_text, settings_tables, write_comparison_report
 

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from bloodcell_lib.classes import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,10 +33,6 @@ def test_models_are_chosen_by_key_or_notebook_name():
 
 def _too_small_dataset(root: Path) -> Path:
     """Class folders with one image each: a dataset by its layout, too small to split inside the notebook."""
-    from PIL import Image
-
-    from bloodcell_lib.classes import CLASSES
-
     for name in CLASSES:
         (root / name).mkdir(parents=True)
         Image.new("RGB", (32, 32), (200, 100, 150)).save(root / name / "a.png")
@@ -55,7 +54,7 @@ def test_a_failing_notebook_does_not_stop_the_comparison_which_fails_without_mod
 @pytest.mark.parametrize("args, fragment", [
     (["--data-dir", "{tmp}/no such folder"], "does not exist"),
     (["--data-dir", "{tmp}"], "No class folders found"),
-    (["--epochs", "0", "--profile", "smoke"], "--epochs must be at least 1"),
+    (["--epochs", "0", "--profile", "smoke"], "epochs must be at least 1"),
     (["--output", "{tmp}/a file", "--profile", "smoke"], "is a file, not a folder"),
     (["--profile", "paper"], "pass --data-dir"),
 ])
@@ -70,6 +69,7 @@ def test_bad_arguments_are_refused_before_any_kernel_starts(tmp_path, capsys, mo
     assert fragment in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # a papermill kernel per notebook
 def test_smoke_run_of_one_model_writes_everything(tmp_path):
     out = tmp_path / "OUT"
     run = _run("--profile", "smoke", "--models", "vgg16", "--output", str(out))
@@ -82,3 +82,11 @@ def test_smoke_run_of_one_model_writes_everything(tmp_path):
     images = [o for c in executed["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 6  # examples, preprocessing, augmentation, curves, confusion, ROC, Grad-CAM
     assert "[1/2] VGG16.ipynb ok" in run.stdout and "[2/2] Comparison.ipynb ok" in run.stdout
+
+
+def test_the_output_folder_is_the_option_else_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOODCELL_OUTPUT", str(tmp_path / "env"))
+    cfg, output = run_all.check_arguments(run_all.parse_args(["--profile", "smoke"]))
+    assert output == (tmp_path / "env").resolve() and "BLOODCELL_OUTPUT" in cfg.why("output_dir")
+    cfg, output = run_all.check_arguments(run_all.parse_args(["--profile", "smoke", "--output", str(tmp_path / "mine")]))
+    assert output == (tmp_path / "mine").resolve() and cfg.profile == "smoke"

@@ -1,5 +1,7 @@
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 
@@ -8,17 +10,22 @@ import pandas as pd
 import pytest
 
 from bloodcell_lib.classes import CLASSES
-from bloodcell_lib.errors import SplitError
+from bloodcell_lib.config import RunConfig
+from bloodcell_lib.errors import ProvenanceError, SplitError
 from bloodcell_lib.split import (
     IMAGE_SPLIT_WARNING,
     class_share_gap,
+    dataset_changes,
+    dataset_fingerprint,
     load_split,
     make_split,
+    resolve_split,
     save_split,
     sidecar_path,
     split_sha256,
     split_summary,
 )
+from bloodcell_lib.synthetic import TINY_SET, load_manifest, make_synthetic_dataset
 
 
 def cells_frame(root, groups_per_class=(40, 30, 50, 45, 35), max_copies=3, seed=0):
@@ -189,12 +196,11 @@ def test_split_is_never_written_into_the_dataset(tmp_path):
         save_split(split, tmp_path / "split.csv")
 
 
+@pytest.mark.slow  # three CLI subprocesses
 def test_cli_split_on_a_synthetic_set(tmp_path):
-    from bloodcell_lib import synthetic
-
     data = tmp_path / "synth"
-    manifest = synthetic.make_synthetic_dataset(data, per_class=6, size=48, duplicates=1, seed=0)
-    cells = synthetic.load_manifest(manifest)
+    manifest = make_synthetic_dataset(data, per_class=6, size=48, duplicates=1, seed=0)
+    cells = load_manifest(manifest)
     meta = tmp_path / "cells.csv"
     cells.rename(columns={"cell_id": "group"})[["file", "group"]].to_csv(meta, index=False)
     out = tmp_path / "split.csv"
@@ -215,7 +221,7 @@ def test_cli_split_on_a_synthetic_set(tmp_path):
     assert IMAGE_SPLIT_WARNING in image_run.stdout and IMAGE_SPLIT_WARNING in image_run.stderr
 
     too_small = tmp_path / "tiny"
-    synthetic.make_synthetic_dataset(too_small, per_class=1, size=48, duplicates=1, seed=0)
+    make_synthetic_dataset(too_small, per_class=1, size=48, duplicates=1, seed=0)
     tiny_run = subprocess.run([sys.executable, "-m", "bloodcell_lib", "split", str(too_small), "--out",
                                str(tmp_path / "tiny.csv")], capture_output=True, text=True, timeout=120)
     assert tiny_run.returncode == 2 and "Too few" in tiny_run.stderr
@@ -226,19 +232,12 @@ def test_cli_split_on_a_synthetic_set(tmp_path):
 
 @pytest.fixture
 def tiny_set(tmp_path):
-    from bloodcell_lib.synthetic import TINY_SET, make_synthetic_dataset
-
     data = tmp_path / "data"
     make_synthetic_dataset(data, seed=0, **TINY_SET)
     return data
 
 
 def test_dataset_fingerprint_follows_content_not_location_or_mtime(tiny_set, tmp_path):
-    import os
-    import shutil
-
-    from bloodcell_lib.split import dataset_changes, dataset_fingerprint
-
     path = save_split(make_split(tiny_set, progress=False), tmp_path / "split.csv")
     split = load_split(path)
     side = json.loads(sidecar_path(path).read_text())
@@ -256,15 +255,10 @@ def test_dataset_fingerprint_follows_content_not_location_or_mtime(tiny_set, tmp
 
 
 def _study_config(data, out):
-    from bloodcell_lib.config import RunConfig
-
     return RunConfig(arch="vgg16", data_dir=str(data), output_dir=str(out), weights=None)
 
 
 def test_a_dataset_changed_since_the_study_split_is_refused_with_counts(tiny_set, tmp_path):
-    from bloodcell_lib.errors import ProvenanceError
-    from bloodcell_lib.training import resolve_split
-
     cfg = _study_config(tiny_set, tmp_path / "out")
     split, path = resolve_split(cfg, verbose=0)  # made and saved in the output folder
     (tiny_set / "basophil" / "notes.txt").write_text("not an image")  # unreadable: check-data leaves it out
@@ -287,10 +281,6 @@ def test_a_dataset_changed_since_the_study_split_is_refused_with_counts(tiny_set
 
 
 def test_a_split_of_another_dataset_is_refused_for_training(tiny_set, tmp_path):
-    from bloodcell_lib.errors import ProvenanceError
-    from bloodcell_lib.synthetic import make_synthetic_dataset
-    from bloodcell_lib.training import resolve_split
-
     other = tmp_path / "other"
     make_synthetic_dataset(other, per_class=7, size=48, duplicates=1, seed=5)  # same names, more, other pixels
     path = save_split(make_split(tiny_set, progress=False), tmp_path / "split.csv")
@@ -303,3 +293,14 @@ def test_a_split_of_another_dataset_is_refused_for_training(tiny_set, tmp_path):
     # The same split with its own dataset trains.
     split, _ = resolve_split(cfg.replace(data_dir=str(tiny_set)), verbose=0)
     assert len(split["path"]) == len(load_split(path))
+
+
+def test_the_output_folders_split_is_reused_and_never_silently_overwritten(tiny_set, tmp_path):
+    cfg = _study_config(tiny_set, tmp_path / "out")
+    split, path = resolve_split(cfg, verbose=0)
+    written = path.read_bytes()
+    again, again_path = resolve_split(cfg, verbose=0)
+    assert again_path == path and again["path"].tolist() == split["path"].tolist()
+    with pytest.raises(SplitError, match="--split"):
+        resolve_split(cfg.replace(seed=7), verbose=0)
+    assert path.read_bytes() == written

@@ -1,5 +1,3 @@
-import json
-
 import pytest
 from matplotlib.figure import Figure
 
@@ -8,10 +6,8 @@ from bloodcell_lib.dataset import check_dataset
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study") / "data"
-    synthetic.make_synthetic_dataset(root, per_class=6, size=64, duplicates=2, seed=4)
-    return check_dataset(root, progress=False)
+def report(small_set):
+    return check_dataset(small_set, progress=False)
 
 
 def test_duplicate_check_shows_scores_on_both_sides_of_the_threshold_and_group_sizes(report):
@@ -31,17 +27,24 @@ def test_boundary_pairs_show_both_images_of_each_pair_with_the_verdict(report):
     assert all(("copy" in t) or ("distinct" in t) for t in verdicts)
 
 
-def test_a_synthetic_set_from_an_older_generator_is_made_again(tmp_path):
+def test_a_notebook_without_a_dataset_trains_on_the_stand_in_made_once_and_says_so(tmp_path):
     cfg = study.configure("vgg16", profile="smoke", output_dir=str(tmp_path))
-    data = study.ensure_synthetic_data(cfg)
-    stamp = data / "synth_params.json"
-    first = stamp.read_text()
-    assert study.ensure_synthetic_data(cfg) == data and stamp.read_text() == first  # reused as it is
-    old = json.loads(first)
-    del old["generator"]  # a stamp written before copies followed real-world ranges
-    stamp.write_text(json.dumps(old))
-    marker = data / "basophil" / "stale.jpg"
-    marker.write_bytes(b"stale")
-    study.ensure_synthetic_data(cfg)
-    assert json.loads(stamp.read_text())["generator"] == synthetic.GENERATOR_VERSION
-    assert not marker.exists()
+    assert cfg.data_dir == str(tmp_path / "synthetic_data")
+    assert (tmp_path / "synthetic_data" / synthetic.MANIFEST_NAME).is_file()
+    stamp = (tmp_path / "synthetic_data" / synthetic.STAMP_NAME).read_text()
+    assert study.configure("vgg16", profile="smoke", output_dir=str(tmp_path)) == cfg  # resolved alike, set reused
+    assert (tmp_path / "synthetic_data" / synthetic.STAMP_NAME).read_text() == stamp
+    assert "NOTE: data_dir → " in study.describe(cfg) and "no dataset given" in study.describe(cfg)
+
+
+def test_describe_names_the_input_size_and_every_change(tmp_path):
+    cfg = study.configure("xception", profile="smoke", output_dir=str(tmp_path))
+    text = study.describe(cfg)
+    assert "input 71×71 px" in text and "NOTE: image_size 32 → 71: the smallest Xception accepts" in text
+    assert "Profile      : smoke (given explicitly)" in text
+
+
+def test_a_dataset_folder_given_is_never_replaced_by_the_stand_in(tmp_path):
+    cfg = study.configure("vgg16", data_dir=str(tmp_path / "typo"), output_dir=str(tmp_path), weights="none")
+    assert cfg.profile == "paper" and cfg.data_dir == str(tmp_path / "typo")
+    assert not (tmp_path / "synthetic_data").exists()

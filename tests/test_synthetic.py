@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -16,57 +17,52 @@ from bloodcell_lib.errors import ConfigError, DatasetError
 from bloodcell_lib.images import read_rgb
 from bloodcell_lib import synthetic
 from bloodcell_lib.synthetic import (
-    _MARGIN, MANIFEST_COLUMNS, MANIFEST_NAME, TINY_SET, _augment, load_manifest, make_synthetic_dataset, manifest_mask,
+    _MARGIN, MANIFEST_COLUMNS, MANIFEST_NAME, STAMP_NAME, TINY_SET, _augment, ensure_synthetic_dataset, load_manifest,
+    make_synthetic_dataset, manifest_mask,
 )
-
-PER_CLASS, SIZE, DUPLICATES = 5, 64, 2
-
-
-@pytest.fixture(scope="module")
-def small_set(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth") / "set"
-    make_synthetic_dataset(out, per_class=PER_CLASS, size=SIZE, duplicates=DUPLICATES, seed=3)
-    return out
 
 
 def _files(root):
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
-def test_kaggle_layout_with_n_times_one_plus_k_images_per_class(small_set):
+def test_kaggle_layout_with_n_times_one_plus_k_images_per_class(small_set, small_set_params):
+    per_class, size, duplicates = (small_set_params[k] for k in ("per_class", "size", "duplicates"))
     assert sorted(p.name for p in small_set.iterdir()) == sorted([*CLASSES, MANIFEST_NAME])
     for cls in CLASSES:
         names = sorted(p.name for p in (small_set / cls).iterdir())
-        assert len(names) == PER_CLASS * (1 + DUPLICATES)
+        assert len(names) == per_class * (1 + duplicates)
         assert all(re.fullmatch(rf"{FILE_PREFIXES[cls]}_\d+\.jpg", n) for n in names), names
         image = read_rgb(small_set / cls / names[0])
-        assert image.shape == (SIZE, SIZE, 3)
+        assert image.shape == (size, size, 3)
 
 
-def test_manifest_has_one_row_per_file_and_names_each_cell(small_set):
+def test_manifest_has_one_row_per_file_and_names_each_cell(small_set, small_set_params):
+    per_class, duplicates = small_set_params["per_class"], small_set_params["duplicates"]
     frame = load_manifest(small_set)
     assert tuple(frame.columns) == MANIFEST_COLUMNS
     assert sorted(frame["file"]) == [f for f in _files(small_set) if f != MANIFEST_NAME]
     assert (frame["file"].str.split("/").str[0] == frame["class"]).all()
     copies = frame.groupby("cell_id")["copy"].apply(sorted)
-    assert len(copies) == PER_CLASS * len(CLASSES)
-    assert all(c == list(range(1 + DUPLICATES)) for c in copies)
+    assert len(copies) == per_class * len(CLASSES)
+    assert all(c == list(range(1 + duplicates)) for c in copies)
     # Copies of a cell share its slide; slides are shared across classes.
     assert (frame.groupby("cell_id")["slide"].nunique() == 1).all()
     assert frame.groupby("slide")["class"].nunique().max() > 1
     assert load_manifest(small_set / MANIFEST_NAME).equals(frame)
 
 
-def test_file_numbers_do_not_reveal_copies(small_set):
+def test_file_numbers_do_not_reveal_copies(small_set, small_set_params):
+    per_class, duplicates = small_set_params["per_class"], small_set_params["duplicates"]
     frame = load_manifest(small_set)
     frame["number"] = frame["file"].str.extract(r"_(\d+)\.jpg$", expand=False).astype(int)
-    n_files = PER_CLASS * (1 + DUPLICATES)
+    n_files = per_class * (1 + duplicates)
     contiguous = 0
     for cls, group in frame.groupby("class"):
         assert sorted(group["number"]) == list(range(1, n_files + 1))
         for _, cell in group.groupby("cell_id"):
             numbers = sorted(cell["number"])
-            contiguous += numbers[-1] - numbers[0] == DUPLICATES
+            contiguous += numbers[-1] - numbers[0] == duplicates
     assert contiguous <= 2, "copies of one cell sit on consecutive file numbers"
 
 
@@ -77,6 +73,24 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path):
     assert _files(a) == _files(b)
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in _files(a))
     assert (a / MANIFEST_NAME).read_bytes() != (c / MANIFEST_NAME).read_bytes()
+
+
+def test_a_set_is_made_once_and_made_again_when_the_generator_changed(tmp_path):
+    out = tmp_path / "stand-in"
+    assert ensure_synthetic_dataset(out, **TINY_SET) == out
+    stamp = out / STAMP_NAME
+    first = stamp.read_text()
+    assert ensure_synthetic_dataset(out, **TINY_SET) == out and stamp.read_text() == first  # reused as it is
+    old = json.loads(first)
+    del old["generator"]  # a stamp written before copies followed real-world ranges
+    stamp.write_text(json.dumps(old))
+    marker = out / "basophil" / "stale.jpg"
+    marker.write_bytes(b"stale")
+    ensure_synthetic_dataset(out, **TINY_SET)
+    assert json.loads(stamp.read_text())["generator"] == synthetic.GENERATOR_VERSION
+    assert not marker.exists()
+    ensure_synthetic_dataset(out, **{**TINY_SET, "per_class": 2})  # other parameters: made again
+    assert len(load_manifest(out)) == len(CLASSES) * 2 * (1 + TINY_SET["duplicates"])
 
 
 def test_tiny_set_for_other_tests_is_cheap(tmp_path):
@@ -155,6 +169,7 @@ def test_an_interrupted_run_can_be_run_again(tmp_path):
     assert sorted(load_manifest(out)["file"]) == [f for f in _files(out) if f != MANIFEST_NAME]
 
 
+@pytest.mark.slow  # two CLI subprocesses
 def test_cli_writes_a_set_and_refuses_a_user_folder(tmp_path):
     cmd = [sys.executable, "-m", "bloodcell_lib", "synth", "--per-class", "2", "--size", "32", "--duplicates", "1"]
     done = subprocess.run(
@@ -180,22 +195,23 @@ def test_manifest_mask_rasterises_the_ellipse():
     assert turned[9, 10] and not turned[5, 13]
 
 
-def test_mask_holds_the_stained_cell_in_originals_and_copies(small_set):
+def test_mask_holds_the_stained_cell_in_originals_and_copies(small_set, small_set_params):
+    size, duplicates = small_set_params["size"], small_set_params["duplicates"]
     frame = load_manifest(small_set)
     inside, shifted = [], []
     for row in frame.to_dict("records"):
         rgb = read_rgb(small_set / row["file"]).astype(float)
         brightness = rgb.sum(axis=2)
         darkest = brightness <= np.quantile(brightness, 0.01)  # nucleus or granules, never a pale red cell
-        mask = manifest_mask(row, SIZE, SIZE)
+        mask = manifest_mask(row, size, size)
         inside.append(mask[darkest].mean())
-        shifted.append(manifest_mask({**row, "mask_cx": row["mask_cx"] + SIZE / 3}, SIZE, SIZE)[darkest].mean())
+        shifted.append(manifest_mask({**row, "mask_cx": row["mask_cx"] + size / 3}, size, size)[darkest].mean())
         assert 0.05 < mask.mean() < 0.65, row["file"]  # a large monocyte zoomed ×1.2 fills up to ~60 %
         assert (765 - brightness)[mask].mean() > 1.2 * (765 - brightness)[~mask].mean(), row["file"]
     inside, shifted = np.array(inside), np.array(shifted)
     assert (inside == 1.0).mean() > 0.97, frame.loc[inside < 1.0, "file"].tolist()
     assert np.mean(shifted) < 0.8  # the check above can fail: a misplaced ellipse misses the cell
-    assert set(frame["copy"]) == set(range(1 + DUPLICATES))
+    assert set(frame["copy"]) == set(range(1 + duplicates))
 
 
 @pytest.mark.parametrize("seed", range(6))
