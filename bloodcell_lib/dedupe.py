@@ -356,15 +356,22 @@ def _centred(profiles: np.ndarray, reference: np.ndarray) -> np.ndarray:
 def _shifted_unit_profiles(queries: np.ndarray, base: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """Return, per log-radius (zoom) shift, the overlapping rings of queries and base as unit vectors.
 
-    The best dot product over the shifts is the profile similarity of two images.
+    The best dot product over the shifts is the profile similarity of two images. Against itself (base is
+    queries) shift d's query window is shift −d's base window, so each window is normalised and held once.
     """
     rings = queries.shape[1]
     reach = MAX_RING_SHIFT // _POOL + 1
+    windows: dict[tuple[int, int, bool], np.ndarray] = {}
+
+    def unit(rows: np.ndarray, start: int, stop: int, is_base: bool) -> np.ndarray:
+        key = (start, stop, is_base and rows is not queries)
+        if key not in windows:
+            flat = rows[:, start:stop].reshape(len(rows), -1)
+            windows[key] = flat / (np.linalg.norm(flat, axis=1, keepdims=True) + 1e-9)
+        return windows[key]
+
     out = []
     for d in range(-reach, reach + 1):
         a0, a1 = max(0, -d), min(rings, rings - d)
-        q = queries[:, a0:a1].reshape(len(queries), -1)
-        b = base[:, a0 + d:a1 + d].reshape(len(base), -1)
-        out.append((q / (np.linalg.norm(q, axis=1, keepdims=True) + 1e-9),
-                    b / (np.linalg.norm(b, axis=1, keepdims=True) + 1e-9)))
+        out.append((unit(queries, a0, a1, False), unit(base, a0 + d, a1 + d, True)))
     return out
