@@ -6,26 +6,50 @@
 
 Everything the run writes — models, histories, results, figures, executed notebooks — goes to --output.
 One failing notebook does not stop the others; the summary at the end names it and the exit code is 1.
+
+The console gets our lines only: while a notebook runs, one line per step and per epoch (from the events the
+library appends to --output/progress.jsonl, see bloodcell_lib/progress.py) with the elapsed time and an estimate of
+what remains. What the kernels write outside the notebook — TensorFlow's C++ start-up lines, Jupyter's warnings —
+goes to --output/logs/<notebook>.log.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import IO, Any, Iterator
 
-import papermill
+from bloodcell_lib.quiet import native_stderr_to
 
-from bloodcell_lib.atomic import write_text
-from bloodcell_lib.config import AUTO, DEFAULT_OUTPUT, PROFILES, RunConfig, resolve
-from bloodcell_lib.dataset import find_data_root
-from bloodcell_lib.errors import BloodcellError
-from bloodcell_lib.leakage import measure_leakage
-from bloodcell_lib.registry import ARCHITECTURES
+# Importing TensorFlow (through the registry and the leakage run) prints its C++ start-up lines on descriptor 2,
+# past any Python setting: they are kept here and written to logs/run_all.log once the output folder is known.
+_STARTUP_LOG = tempfile.TemporaryFile()
+with native_stderr_to(_STARTUP_LOG):
+    import papermill
+    from jupyter_client.manager import AsyncKernelManager
+
+    from bloodcell_lib.atomic import write_text
+    from bloodcell_lib.config import AUTO, DEFAULT_OUTPUT, PROFILES, RunConfig, resolve
+    from bloodcell_lib.dataset import find_data_root
+    from bloodcell_lib.errors import BloodcellError
+    from bloodcell_lib.leakage import measure_leakage
+    from bloodcell_lib.progress import HEADLESS_ENV, PROGRESS_ENV, RunClock, clock_time, progress_line, timing
+    from bloodcell_lib.registry import ARCHITECTURES
 
 HERE = Path(__file__).resolve().parent
 NOTEBOOKS = HERE / "notebooks"
+LOGS = "logs"  # inside the output folder: one log per notebook of what its kernel wrote outside the notebook
+PROGRESS_FILE = "progress.jsonl"
+# ipykernel copies what C code writes on descriptors 1 and 2 into the cell's outputs (and onto its own stderr);
+# without that copy, TensorFlow's C++ lines stay on the kernel's stderr, which goes to the log.
+KERNEL_ARGUMENTS = ["--IPKernelApp.capture_fd_output=False"]
 
 
 def model_notebooks() -> dict[str, Path]:
@@ -65,35 +89,143 @@ def choose_models(requested: list[str] | None, available: dict[str, Path]) -> di
     return chosen
 
 
-def run_notebook(source: Path, target: Path, parameters: dict) -> tuple[bool, float, str]:
-    """Execute one notebook with papermill; return (ok, seconds, error text)."""
+def kernel_environment(output: Path) -> dict[str, str]:
+    """The environment of the kernels: progress events to the output folder, Keras' per-epoch lines instead of its
+    live bar (progress.fit_verbose), and TensorFlow's C++ logging without INFO and WARNING lines."""
+    return {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), HEADLESS_ENV: "1",
+            PROGRESS_ENV: str(output / PROGRESS_FILE)}
+
+
+def logged_kernel_manager(log_path: Path, env: dict[str, str]) -> type[AsyncKernelManager]:
+    """A kernel manager class whose kernels write their stdout and stderr to log_path and get `env` added to
+    the environment (papermill takes a kernel manager class, not a log file)."""
+
+    class LoggedKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw: Any) -> None:
+            kw["env"] = {**kw.get("env", os.environ), **env}
+            with open(log_path, "ab") as log:  # the kernel holds its own copy of the descriptor
+                await super().start_kernel(**kw, stdout=log, stderr=log)
+
+    return LoggedKernelManager
+
+
+def run_notebook(source: Path, target: Path, parameters: dict, log_path: Path | None = None,
+                 env: dict[str, str] | None = None) -> tuple[bool, float, str]:
+    """Execute one notebook with papermill, its kernel's own output going to log_path; return (ok, seconds,
+    error text)."""
     start = time.perf_counter()
+    log_path = log_path or target.with_suffix(".log")
     try:
         papermill.execute_notebook(str(source), str(target), parameters=parameters, cwd=str(source.parent),
-                                   kernel_name="python3", progress_bar=False, log_output=False)
+                                   kernel_name="python3", progress_bar=False, log_output=False,
+                                   kernel_manager_class=logged_kernel_manager(log_path, env or {}),
+                                   extra_arguments=KERNEL_ARGUMENTS)
         return True, time.perf_counter() - start, ""
     except Exception as exc:  # noqa: BLE001 — one failing notebook must not stop the others
         message = str(exc).strip().splitlines()
         return False, time.perf_counter() - start, message[-1] if message else exc.__class__.__name__
 
 
-def run_step(i: int, total: int, source: Path, executed: Path, parameters: dict) -> tuple[str, bool, float, str]:
-    """Run one notebook with a progress line before and after; return its summary row."""
+class ProgressPrinter:
+    """Tails the run's progress file in a thread and prints a line per event for the notebook that runs now."""
+
+    def __init__(self, path: Path, clock: RunClock, out: IO[str] | None = None, interval: float = 0.5) -> None:
+        self.path, self.clock, self.out, self.interval = path, clock, out or sys.stdout, interval
+        self.label = ""
+        self._offset = path.stat().st_size if path.exists() else 0  # earlier runs' events are not ours
+        self._partial = b""
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="progress", daemon=True)
+
+    def __enter__(self) -> "ProgressPrinter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+
+    @contextlib.contextmanager
+    def running(self, label: str) -> Iterator[None]:
+        """Attribute the events written inside the block to `label`; afterwards it trains no more."""
+        self.poll()
+        self.label = label
+        try:
+            yield
+        finally:
+            self.poll()  # the step's last events, before the next step's label
+            self.clock.finish(label)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def poll(self) -> None:
+        """Print the lines of the events appended since the last poll (a half-written line waits)."""
+        with self._lock:
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(self._offset)
+                    data = f.read()
+            except OSError:
+                return
+            self._offset += len(data)
+            *lines, self._partial = (self._partial + data).split(b"\n")
+            for raw in lines:
+                try:
+                    event = json.loads(raw)
+                except ValueError:
+                    continue
+                self.clock.update(self.label, event)
+                line = progress_line(self.label, event, self.clock)
+                if line:
+                    print(line, file=self.out, flush=True)
+
+
+def run_step(i: int, total: int, source: Path, executed: Path, parameters: dict, printer: ProgressPrinter,
+             env: dict[str, str]) -> tuple[str, bool, float, str]:
+    """Run one notebook with a line before, progress lines while it runs, and a line after; return its summary
+    row."""
+    log_path = executed.parent / LOGS / f"{source.stem}.log"
     print(f"[{i}/{total}] {source.name} ...", flush=True)
-    ok, seconds, error = run_notebook(source, executed / source.name, parameters)
-    print(f"[{i}/{total}] {source.name} {'ok' if ok else 'FAILED: ' + error} ({seconds:.0f} s)", flush=True)
+    with printer.running(source.stem):
+        ok, seconds, error = run_notebook(source, executed / source.name, parameters, log_path, env)
+    result = "ok" if ok else f"FAILED: {error} (executed notebook {executed / source.name}, kernel log {log_path})"
+    print(f"[{i}/{total}] {source.name} {result} ({seconds:.0f} s) — {timing(printer.clock)}", flush=True)
     return source.name, ok, seconds, error
 
 
-def run_leakage(output: Path, arch: str, profile: str, epochs: int | None) -> tuple[str, bool, float, str]:
-    """Train one architecture on an image-level split of the same data; return a summary row."""
-    print(f"Leakage: training {arch} on an image-level split ...", flush=True)
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set inside the block, as before afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run_leakage(output: Path, arch: str, profile: str, epochs: int | None, printer: ProgressPrinter,
+                env: dict[str, str]) -> tuple[str, bool, float, str]:
+    """Train one architecture on an image-level split of the same data in this process, its printed output and
+    TensorFlow's lines going to logs/leakage.log; return a summary row."""
+    name, log_path = f"leakage ({arch})", output / LOGS / "leakage.log"
+    print(f"Leakage: training {arch} on an image-level split (its output: {log_path}) ...", flush=True)
     start = time.perf_counter()
     try:
-        measure_leakage(output, arch, profile=profile, epochs=epochs)
-        return f"leakage ({arch})", True, time.perf_counter() - start, ""
+        with open(log_path, "ab") as log, printer.running(name), environment(env), native_stderr_to(log), \
+                open(log_path, "a", encoding="utf-8") as text, contextlib.redirect_stdout(text):
+            measure_leakage(output, arch, profile=profile, epochs=epochs)
+        return name, True, time.perf_counter() - start, ""
     except Exception as exc:  # noqa: BLE001 — the comparison still runs without it
-        return f"leakage ({arch})", False, time.perf_counter() - start, f"{exc.__class__.__name__}: {exc}"
+        return name, False, time.perf_counter() - start, f"{exc.__class__.__name__}: {exc}"
 
 
 def check_arguments(args: argparse.Namespace) -> tuple[RunConfig, Path]:
@@ -145,17 +277,29 @@ def main(argv: list[str] | None = None) -> int:
           f"{', a leakage run' if args.leakage else ''} then Comparison.")
     for line in cfg.note_lines():
         print(line)
+    logs = output / LOGS
+    logs.mkdir(exist_ok=True)
+    _STARTUP_LOG.seek(0)
+    (logs / "run_all.log").write_bytes(_STARTUP_LOG.read())
+    print(f"Progress below; what the kernels print outside the notebooks (TensorFlow's start-up lines, Jupyter's "
+          f"warnings) is in {logs}.", flush=True)
 
     total = len(models) + 1
     started = time.time()
-    results = [run_step(i, total, source, executed, parameters) for i, source in enumerate(models.values(), 1)]
+    env = kernel_environment(output)
+    planned = {source.stem: cfg.epochs for source in models.values()}
     if args.leakage:
-        results.append(run_leakage(output, args.leakage, cfg.profile, args.epochs))
-    results.append(comparison_row(
-        run_step(total, total, NOTEBOOKS / "Comparison.ipynb", executed, {"OUTPUT_DIR": str(output)}), output, started))
+        planned[f"leakage ({args.leakage})"] = cfg.epochs
+    with ProgressPrinter(output / PROGRESS_FILE, RunClock(planned, started)) as printer:
+        results = [run_step(i, total, source, executed, parameters, printer, env)
+                   for i, source in enumerate(models.values(), 1)]
+        if args.leakage:
+            results.append(run_leakage(output, args.leakage, cfg.profile, args.epochs, printer, env))
+        results.append(comparison_row(run_step(total, total, NOTEBOOKS / "Comparison.ipynb", executed,
+                                               {"OUTPUT_DIR": str(output)}, printer, env), output, started))
 
     failed = [r for r in results if not r[1]]
-    print("\nSummary")
+    print(f"\nSummary (total {clock_time(time.time() - started)})")
     for name, ok, seconds, error in results:
         print(f"  {'ok    ' if ok else 'FAILED'} {name:24s} {seconds:7.0f} s {error}")
     print(f"Executed notebooks in {executed}; comparison table in {output / 'comparison.md'}; "

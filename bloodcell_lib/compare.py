@@ -16,6 +16,12 @@ they all share; no retraining, no weights tuned on the test set) is added as a r
 with intervals from the study's resamples, unranked (it is not one of the networks the study compares), and
 tested against the best single CNN in the same Holm family as every other paired test: it is one more claim
 the conclusion makes from the same test cells, so it shares their family-wise error rate.
+
+Three measurements each network's evaluation records sit beside the ranking, never in it: calibration (ECE before
+and after temperature scaling fitted on validation), test-time augmentation (macro-F1 averaged over rotations and
+flips, with its paired difference to the plain pass) and the background shortcut test (accuracy with the cell
+masked out and with the background masked out). A network whose background-only accuracy is far above chance is
+flagged in the `reads_background` column and named in the conclusion.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.metrics import SCALAR_KEYS, compute_metrics, holm_adjust, mcnemar_p, paired_comparison
 from bloodcell_lib.registry import ARCHITECTURES
 from bloodcell_lib.results import PROB_COLUMNS, predictions_path, read_predictions, read_results, results_files, run_of
+from bloodcell_lib.shortcut import SHORTCUT_MARGIN, reads_background
 from bloodcell_lib.split import SPLIT_FILE, split_sha256
 
 # Ranking and testing use the same metric, so a "best" model is never backed by a test of something else.
@@ -49,6 +56,26 @@ NO_GROUPS = "none (each image its own group)"
 ENSEMBLE_RUN = "ensemble"
 # Costs that add up over an ensemble's members (each member runs once per image); latency is not measured.
 ENSEMBLE_SUMMED_COST = ("params_total", "params_trainable", "flops_per_image", "keras_file_mb", "training_seconds")
+# How to read the three measurements beside the ranking: comparison.md and the HTML report print these.
+READ_CALIBRATION = (
+    "ECE is the average gap between a model's confidence and how often it is right (0 = its 90% means 90%). "
+    "Temperature scaling divides the logits by one number T fitted on the validation images (T > 1: the model was "
+    "over-confident); it never changes a prediction, only how sure the model says it is, so read the T-scaled ECE "
+    "as the confidence you can trust after that one-number fix, and the interval of the change to see whether the "
+    "fix helped on the test cells."
+)
+READ_TTA = (
+    "Each test image is predicted in its 8 rotations and mirror images and the probabilities are averaged (a cell "
+    "has no up or down). The paired difference is TTA minus the single pass on the same cells; when its interval "
+    "includes 0, averaging over orientations does not change the score on this test set."
+)
+READ_SHORTCUT = (
+    "Accuracy with the cell masked out (filled with the image's median background colour) and with the background "
+    "masked out (neutral glass). A model that reads the cell drops to chance without it; a model far above chance "
+    f"on background-only images (lower end of the interval above chance + {SHORTCUT_MARGIN:g}) predicts from the "
+    "slide around the cell and is flagged 'YES'. High cell-only accuracy is reassuring, but it is measured on images unlike any "
+    "the model was trained on, so a drop there is expected too."
+)
 PAIRED_COLUMNS = ["model_a", "model_b", "run_a", "run_b", "metric", "delta", "ci_low", "ci_high", "p_value",
                   "p_holm", "n_images", "n_groups", "groups_from", "n_boot", "seed", "n_perm"]
 
@@ -104,6 +131,7 @@ class Comparison:
             text.append("Not ranked (evaluated on another split or on one its model was not trained on, or no "
                         "macro-F1; see the missing or partial list): "
                         + ", ".join(unranked["model"]) + ".")
+        text += self._robustness_sentences(best)
         if not self.leakage.empty:
             worst = self.leakage.sort_values("accuracy_delta", ascending=False).iloc[0]
             text.append(f"An image-level split inflates {worst['architecture']}'s accuracy by "
@@ -111,6 +139,30 @@ class Comparison:
         if self.missing:
             text.append("Not in this comparison: " + ", ".join(self.missing) + ".")
         return " ".join(text)
+
+    def _robustness_sentences(self, best: pd.Series) -> list[str]:
+        """The background shortcut test over every network, then TTA and calibration of the best one."""
+        text = []
+        tested = self.table[self.table["reads_background"].notna() & (self.table["split_by"] != "image")]
+        flagged = tested[tested["reads_background"].astype(bool)]
+        if not flagged.empty:
+            each = [f"{r['model']} {_fmt_ci(r, 'background_only_accuracy')} (chance {_fmt_num(r['shortcut_chance'])})"
+                    for _, r in flagged.iterrows()]
+            text.append("Far above chance with the cell masked out (background-only accuracy): " + "; ".join(each)
+                        + f". {'This network predicts' if len(flagged) == 1 else 'These networks predict'} partly "
+                        "from the background around the cell, a shortcut that need not hold on other slides.")
+        elif not tested.empty:
+            text.append(f"No network scores far above chance with the cell masked out (background-only accuracy at "
+                        f"most {_fmt_num(tested['background_only_accuracy'].max())}, chance "
+                        f"{_fmt_num(tested['shortcut_chance'].max())}), so none is caught reading the background.")
+        if _is_num(best.get("tta_macro_f1_delta")):
+            ci = best.get("tta_macro_f1_delta_ci") or [None, None]
+            text.append(f"Test-time augmentation (8 rotations and flips) changes {best['model']}'s macro-F1 by "
+                        f"{best['tta_macro_f1_delta']:+.3f} [{_fmt_num(ci[0])}, {_fmt_num(ci[1])}] (paired).")
+        if _is_num(best.get("ece_calibrated")):
+            text.append(f"Temperature scaling (T = {_fmt_num(best['temperature'], 2)}, fitted on validation) takes "
+                        f"{best['model']}'s ECE from {_fmt_num(best['ece'])} to {_fmt_num(best['ece_calibrated'])}.")
+        return text
 
     def _paired_sentence(self, run_a: str, run_b: str) -> str:
         row = _paired_row(self.paired, run_a, run_b)
@@ -137,6 +189,13 @@ class Comparison:
                       "Treats copies of one cell as independent images, so these p-values are too small when the "
                       "test set holds copies; the paired tests above are the ones to read.",
                       markdown_table(self.mcnemar.reset_index())]
+        checks = (("The background shortcut, tested directly", READ_SHORTCUT, display_shortcut(self.table)),
+                  ("Calibration (temperature scaling fitted on validation)", READ_CALIBRATION,
+                   display_calibration(self.table)),
+                  ("Test-time augmentation (8 rotations and flips)", READ_TTA, display_tta(self.table)))
+        for title, note, shown in checks:
+            if not shown.empty:
+                parts += [f"## {title}", note, markdown_table(shown)]
         if not self.leakage.empty:
             parts += ["## Leakage delta (image-level split minus group split)", markdown_table(self.leakage)]
         if self.missing or self.problems:
@@ -208,10 +267,22 @@ def compare_results(results_dir: str | Path, expected: list[str] | None = None,
                       ensemble_members=members if ensemble is not None else [])
 
 
+# From results["calibration"]: the temperature fitted on validation and the test scores before (`ece` is also a
+# metric with an interval) and after scaling, with the paired interval of the ECE's change.
+CALIBRATION_COLUMNS = ["temperature", "temperature_at_bound", "ece_calibrated", "ece_change", "ece_change_ci",
+                       "classwise_ece", "classwise_ece_calibrated", "brier", "brier_calibrated"]
+# From results["tta"]: macro-F1 and accuracy over the 8 orientations, and TTA minus the plain pass, paired.
+TTA_COLUMNS = ["tta_macro_f1", "tta_macro_f1_ci", "tta_accuracy", "tta_accuracy_ci", "tta_macro_f1_delta",
+               "tta_macro_f1_delta_ci", "tta_macro_f1_delta_p"]
+# From results["shortcut_test"]: accuracy on background-only and cell-only images, chance, and the flag.
+SHORTCUT_COLUMNS = ["background_only_accuracy", "background_only_accuracy_ci", "cell_only_accuracy",
+                    "cell_only_accuracy_ci", "shortcut_chance", "reads_background"]
+
 TABLE_COLUMNS = [
     "model", "run", "architecture", "split_by", "split_sha256", "rank", "weights", "image_size", "n_test",
     *[c for k in SCALAR_KEYS for c in (k, f"{k}_ci")],
     "leakage_audit", "leakage_audit_n_test",
+    *CALIBRATION_COLUMNS, *TTA_COLUMNS, *SHORTCUT_COLUMNS,
     "gradcam_focus", "gradcam_deletion_auc", "gradcam_sanity_spearman",
     "params_total", "params_trainable", "flops_per_image", "keras_file_mb", "training_seconds", "epochs",
     "latency_ms", "throughput_batch32", "device",
@@ -254,7 +325,41 @@ def table_row(results: dict[str, Any]) -> dict[str, Any]:
     for key in SCALAR_KEYS:
         row[key] = m.get(key)
         row[f"{key}_ci"] = m.get(f"{key}_ci")
+    row.update(calibration_columns(results.get("calibration") or {}))
+    row.update(tta_columns(results.get("tta") or {}))
+    row.update(shortcut_columns(results.get("shortcut_test") or {}))
     return row
+
+
+def calibration_columns(block: dict[str, Any]) -> dict[str, Any]:
+    """CALIBRATION_COLUMNS from a results["calibration"] block (None where it was skipped or not recorded)."""
+    before, after = block.get("before") or {}, block.get("after") or {}
+    change = (block.get("change") or {}).get("ece") or {}
+    return {"temperature": block.get("temperature"), "temperature_at_bound": block.get("temperature_at_bound"),
+            "ece_calibrated": after.get("ece"), "ece_change": change.get("delta"), "ece_change_ci": change.get("ci"),
+            "classwise_ece": before.get("classwise_ece"), "classwise_ece_calibrated": after.get("classwise_ece"),
+            "brier": before.get("brier"), "brier_calibrated": after.get("brier")}
+
+
+def tta_columns(block: dict[str, Any]) -> dict[str, Any]:
+    """TTA_COLUMNS from a results["tta"] block (None when TTA was off or not recorded)."""
+    on = bool(block.get("enabled"))
+    keys = {"tta_macro_f1": "macro_f1", "tta_macro_f1_ci": "macro_f1_ci", "tta_accuracy": "accuracy",
+            "tta_accuracy_ci": "accuracy_ci", "tta_macro_f1_delta": "macro_f1_delta",
+            "tta_macro_f1_delta_ci": "macro_f1_delta_ci", "tta_macro_f1_delta_p": "macro_f1_delta_p"}
+    return {column: block.get(key) if on else None for column, key in keys.items()}
+
+
+def shortcut_columns(block: dict[str, Any]) -> dict[str, Any]:
+    """SHORTCUT_COLUMNS from a results["shortcut_test"] block; reads_background is re-read from the numbers
+    (shortcut.reads_background), so a table never disagrees with its own intervals."""
+    if not block.get("background_only"):
+        return dict.fromkeys(SHORTCUT_COLUMNS)
+    bg, cell = block["background_only"], block.get("cell_only") or {}
+    return {"background_only_accuracy": bg.get("accuracy"), "background_only_accuracy_ci": bg.get("accuracy_ci"),
+            "cell_only_accuracy": cell.get("accuracy"), "cell_only_accuracy_ci": cell.get("accuracy_ci"),
+            "shortcut_chance": block.get("chance"),
+            "reads_background": reads_background(bg, block["chance"], block.get("margin", SHORTCUT_MARGIN))}
 
 
 def split_mismatches(runs: dict[str, dict], results_dir: Path) -> tuple[set[str], list[str]]:
@@ -497,9 +602,14 @@ def leakage_table(runs: dict[str, dict]) -> pd.DataFrame:
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
     """A compact, human-readable version of the table: values with their intervals as text."""
     out = pd.DataFrame({"rank": table["rank"].map(lambda v: "—" if pd.isna(v) else str(int(v))),
-                        "model": table["model"], "weights": table["weights"], "size": table["image_size"]})
+                        "model": table["model"], "weights": table["weights"].map(lambda v: "—" if pd.isna(v) else v),
+                        "size": table["image_size"].map(lambda v: "—" if pd.isna(v) else str(int(v)))})
     for key in ("macro_f1", "accuracy", "roc_auc_macro", "myeloblast_recall", "ece"):
         out[key] = [_fmt_ci(row, key) for _, row in table.iterrows()]
+    out["ece T-scaled"] = table["ece_calibrated"].map(_fmt_num)
+    out["TTA macro_f1"] = [_fmt_ci(row, "tta_macro_f1") for _, row in table.iterrows()]
+    out["background-only acc"] = [_fmt_ci(row, "background_only_accuracy") for _, row in table.iterrows()]
+    out["reads background"] = table["reads_background"].map(_fmt_flag)
     out["leakage audit"] = [_fmt_audit(k, n) for k, n in zip(table["leakage_audit"], table["leakage_audit_n_test"])]
     out["focus"] = table["gradcam_focus"].map(_fmt_num)
     out["sanity ρ"] = table["gradcam_sanity_spearman"].map(_fmt_num)
@@ -507,6 +617,51 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     out["GFLOPs"] = table["flops_per_image"].map(lambda v: _fmt_num(v / 1e9 if _is_num(v) else None, 2))
     out["latency ms"] = table["latency_ms"].map(lambda v: _fmt_num(v, 1))
     return out
+
+
+def display_calibration(table: pd.DataFrame) -> pd.DataFrame:
+    """Calibration of every network that recorded it: temperature, ECE (top-label and classwise) and Brier
+    before and after temperature scaling, and the paired interval of the ECE's change."""
+    rows = _rows_with(table, "temperature")
+    return pd.DataFrame({
+        "model": rows["model"], "T": rows["temperature"].map(lambda v: _fmt_num(v, 2)),
+        "ECE": [_fmt_ci(r, "ece") for _, r in rows.iterrows()],
+        "ECE T-scaled": rows["ece_calibrated"].map(_fmt_num),
+        "Δ ECE [95% CI]": [_fmt_delta(r["ece_change"], r["ece_change_ci"]) for _, r in rows.iterrows()],
+        "classwise ECE": rows["classwise_ece"].map(_fmt_num),
+        "classwise ECE T-scaled": rows["classwise_ece_calibrated"].map(_fmt_num),
+        "Brier": rows["brier"].map(_fmt_num), "Brier T-scaled": rows["brier_calibrated"].map(_fmt_num),
+    }).reset_index(drop=True)
+
+
+def display_tta(table: pd.DataFrame) -> pd.DataFrame:
+    """Test-time augmentation of every network that ran it: macro-F1 and accuracy plain and over 8 orientations,
+    and the paired difference in macro-F1 with its p-value."""
+    rows = _rows_with(table, "tta_macro_f1")
+    return pd.DataFrame({
+        "model": rows["model"],
+        "macro_f1": [_fmt_ci(r, "macro_f1") for _, r in rows.iterrows()],
+        "macro_f1 TTA": [_fmt_ci(r, "tta_macro_f1") for _, r in rows.iterrows()],
+        "Δ macro_f1 (TTA − plain) [95% CI]": [_fmt_delta(r["tta_macro_f1_delta"], r["tta_macro_f1_delta_ci"])
+                                              for _, r in rows.iterrows()],
+        "p": rows["tta_macro_f1_delta_p"].map(_fmt_p),
+        "accuracy": [_fmt_ci(r, "accuracy") for _, r in rows.iterrows()],
+        "accuracy TTA": [_fmt_ci(r, "tta_accuracy") for _, r in rows.iterrows()],
+    }).reset_index(drop=True)
+
+
+def display_shortcut(table: pd.DataFrame) -> pd.DataFrame:
+    """The background shortcut test of every network that ran it: accuracy on the test images, with only the
+    background and with only the cell, chance, and whether it reads the background."""
+    rows = _rows_with(table, "background_only_accuracy")
+    return pd.DataFrame({
+        "model": rows["model"],
+        "accuracy": [_fmt_ci(r, "accuracy") for _, r in rows.iterrows()],
+        "background only": [_fmt_ci(r, "background_only_accuracy") for _, r in rows.iterrows()],
+        "cell only": [_fmt_ci(r, "cell_only_accuracy") for _, r in rows.iterrows()],
+        "chance": rows["shortcut_chance"].map(_fmt_num),
+        "reads background": rows["reads_background"].map(_fmt_flag),
+    }).reset_index(drop=True)
 
 
 def display_paired(paired: pd.DataFrame) -> pd.DataFrame:
@@ -563,6 +718,24 @@ def _fmt_num(v: Any, digits: int = 3) -> str:
 
 def _fmt_p(v: Any) -> str:
     return f"{v:.3g}" if _is_num(v) else "—"
+
+
+def _rows_with(table: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The rows with a number in column (a boolean mask of dtype bool, also on an empty table)."""
+    return table.loc[table[column].map(_is_num).astype(bool)]
+
+
+def _fmt_flag(v: Any) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "—"
+    return "YES" if bool(v) else "no"
+
+
+def _fmt_delta(delta: Any, ci: Any) -> str:
+    if not _is_num(delta):
+        return "—"
+    ci = ci if isinstance(ci, (list, tuple)) and len(ci) == 2 else [None, None]
+    return f"{delta:+.3f} [{_fmt_num(ci[0])}, {_fmt_num(ci[1])}]"
 
 
 def _fmt_audit(count: Any, n_test: Any) -> str:

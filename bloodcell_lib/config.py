@@ -9,12 +9,19 @@ of these that has one:
 2. the environment, which only fills what was left unset: BLOODCELL_PROFILE (an explicit PROFILE or --profile
    beats it, and the note says so) and BLOODCELL_OUTPUT (nbval points it at a temporary folder);
 3. the profile's preset (PROFILES: paper, demo, smoke);
-4. RunConfig's defaults.
+4. RunConfig's defaults. (The notebooks' output folder "auto", without BLOODCELL_OUTPUT, is the repository's
+   Saved Models, found from where the package is, wherever the kernel started: repository_output_dir.)
 
 Then come the rules that depend on the network and the machine: a preset image size below the network's minimum is
 raised to it, an explicit size the network cannot take is refused (check_image_size, the one image-size rule); where
 a synthetic stand-in is allowed, no dataset means the demo on one; in the demo, unreachable ImageNet weights mean
-random initialisation. The RunConfig that comes back is frozen, and its `notes` say what was chosen and why.
+random initialisation. The RunConfig that comes back is frozen; its `notes` say what was chosen and why, its
+`sources` where every value came from (parameter, environment, profile, a rule, default), and settings() lists every
+setting that changes the result, grouped, with its source.
+
+Weights decide the training recipe (recipe "auto"): pretrained weights are fine-tuned in two phases (the head on the
+frozen base, then the top layers); with weights None every layer trains from the first epoch, in one phase at
+scratch_learning_rate.
 """
 
 from __future__ import annotations
@@ -38,14 +45,20 @@ AUTO = "auto"  # an unset profile or output folder: the environment, else the de
 DEFAULT_SEED = 42
 DEFAULT_BOOTSTRAP = 1000
 DEFAULT_OUTPUT = "Saved Models"
-# Notebooks run in notebooks/, so their default output folder is the repository's Saved Models.
-NOTEBOOK_OUTPUT = "../Saved Models"
+# The notebooks' default output folder: "auto" → the repository's Saved Models (repository_output_dir), wherever the
+# kernel starts (Colab starts it in /content, where "../Saved Models" would be /Saved Models).
+NOTEBOOK_OUTPUT = AUTO
 # The synthetic stand-in's folder inside the output folder, where a run without a dataset may use one.
 SYNTHETIC_FOLDER = "synthetic_data"
 IMAGENET = "imagenet"
+# Training recipes: pretrained weights → fine-tune in two phases; random initialisation → every layer from epoch 1.
+FINE_TUNE, SCRATCH = "fine-tune", "scratch"
+RECIPES = (AUTO, FINE_TUNE, SCRATCH)
 # Largest input side, as a multiple of the native one: activations grow with the square of the side, so at twice
 # the native size a batch of 32 already fills a 16 GB GPU, and a blood-cell crop holds no more detail to find.
 MAX_SIZE_FACTOR = 2
+# The source of a value one of resolve()'s rules chose (its note says why).
+RULE = "resolve (see NOTE)"
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,9 @@ class RunConfig:
     output_dir: str = DEFAULT_OUTPUT
     profile: str = "paper"
     epochs: int = 20  # total budget over both phases; early stopping may use fewer
-    head_epochs: int | None = None  # phase-1 share of `epochs`; None → half, rounded up
+    head_epochs: int | None = None  # phase-1 share of `epochs` when fine-tuning; None → half, rounded up
+    # "auto" → "fine-tune" with pretrained weights, "scratch" with weights None (see training_recipe)
+    recipe: str = AUTO
     image_size: int | str = "native"  # "native" or a side length in pixels
     batch_size: int = 32
     weights: str | None = IMAGENET  # "imagenet", None, or a path to a weights file
@@ -67,9 +82,19 @@ class RunConfig:
     hidden_units: int = 0  # 0 → no hidden dense block in the head
     head_lr: float = 1e-3
     finetune_lr: float = 5e-5
+    scratch_learning_rate: float = 1e-3  # Adam's usual rate for a network trained end to end from random weights
     unfreeze_layers: int | None = None  # None → the registry's default for the architecture
     class_weights: bool = False
     patience: int = 4
+    # ReduceLROnPlateau: multiply the rate by this after lr_patience epochs without improvement (None → half of
+    # `patience`, at least 1), never below min_lr.
+    lr_factor: float = 0.2
+    lr_patience: int | None = None
+    min_lr: float = 1e-7
+    # Training augmentation (besides all 8 orientations): brightness shifted by up to ± this fraction of 255,
+    # contrast scaled by a factor in 1 ± augment_contrast.
+    augment_brightness: float = 0.1
+    augment_contrast: float = 0.1
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_by: str = "group"
@@ -81,10 +106,15 @@ class RunConfig:
     synth_duplicates: int = 2
     synth_shortcut: bool = False
     gradcam_images: int = 50
+    # Test-time augmentation at evaluation (mean over the 8 rotations/flips); None: per profile (paper on).
+    tta: bool | None = None
     bootstrap: int = DEFAULT_BOOTSTRAP  # group-bootstrap resamples behind every interval
     cost_repeats: int = 20  # timed calls for the latency median
     # (parameter, where its value came from or why resolve() changed it), in the order decided; replace() keeps them.
     notes: tuple[tuple[str, str], ...] = ()
+    # (parameter, source) for every field resolve() set: "parameter", "environment (...)", "profile <name>",
+    # "default", or "resolve (see NOTE)" when a rule chose the value; source() reads it.
+    sources: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         # Frozen: the values are normalised once, here, and never change afterwards.
@@ -92,14 +122,58 @@ class RunConfig:
             object.__setattr__(self, "weights", None)
         object.__setattr__(self, "image_size", parse_image_size(self.image_size))
         object.__setattr__(self, "notes", tuple((str(name), str(why)) for name, why in self.notes))
+        object.__setattr__(self, "sources", tuple((str(name), str(src)) for name, src in self.sources))
         if self.epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}.")
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}.")
+        if not 0.0 < self.lr_factor < 1.0:
+            raise ConfigError(f"lr_factor must lie between 0 and 1 (it multiplies the rate), got {self.lr_factor}.")
+        if self.lr_patience is not None and self.lr_patience < 1:
+            raise ConfigError(f"lr_patience must be at least 1 (or None), got {self.lr_patience}.")
+        if not 0.0 <= self.augment_brightness <= 1.0:
+            raise ConfigError(f"augment_brightness is a fraction of 255 in [0, 1], got {self.augment_brightness}.")
+        if not 0.0 <= self.augment_contrast < 1.0:
+            raise ConfigError(f"augment_contrast must be in [0, 1) (factor 1 ± it), got {self.augment_contrast}.")
         if self.split_by not in ("group", "image"):
             raise ConfigError(f"split_by must be 'group' or 'image', got {self.split_by!r}.")
 
     @property
+    def training_recipe(self) -> str:
+        """Return "fine-tune" (pretrained weights: head, then top layers) or "scratch" (every layer from epoch 1)."""
+        if self.recipe != AUTO:
+            return self.recipe
+        return SCRATCH if self.weights is None else FINE_TUNE
+
+    @property
+    def recipe_label(self) -> str:
+        """Which recipe runs, as results and summaries say it: "fine-tune (2 phases)", "from scratch (1 phase)"."""
+        if self.training_recipe == SCRATCH:
+            return "from scratch (1 phase)"
+        return "fine-tune (2 phases)" if self.phase_epochs[1] else "fine-tune (head only, 1 phase)"
+
+    @property
+    def phase_learning_rates(self) -> tuple[float, float]:
+        """Return the (phase-1, phase-2) learning rates of the recipe (from scratch there is no phase 2)."""
+        if self.training_recipe == SCRATCH:
+            return self.scratch_learning_rate, self.scratch_learning_rate
+        return self.head_lr, self.finetune_lr
+
+    @property
+    def reduce_lr_patience(self) -> int:
+        """ReduceLROnPlateau's patience: lr_patience, else half of EarlyStopping's, at least 1."""
+        return self.lr_patience if self.lr_patience is not None else max(1, self.patience // 2)
+
+    @property
+    def contrast_range(self) -> tuple[float, float]:
+        """The augmentation's contrast factor range, 1 ± augment_contrast."""
+        return 1.0 - self.augment_contrast, 1.0 + self.augment_contrast
+
+    @property
     def phase_epochs(self) -> tuple[int, int]:
-        """Return (phase-1 epochs, phase-2 epochs); their sum is `epochs`."""
+        """Return (phase-1 epochs, phase-2 epochs); their sum is `epochs`. From scratch, phase 1 is the whole run."""
+        if self.training_recipe == SCRATCH:
+            return self.epochs, 0
         head = self.head_epochs if self.head_epochs is not None else (self.epochs + 1) // 2
         head = max(1, min(head, self.epochs))
         return head, self.epochs - head
@@ -112,6 +186,22 @@ class RunConfig:
     def why(self, name: str) -> str | None:
         """Return the note about one parameter (where its value came from, or why it was changed), or None."""
         return next((why for key, why in self.notes if key == name), None)
+
+    def source(self, name: str) -> str:
+        """Return where a parameter's value came from: parameter, environment, profile, resolve's rule or default."""
+        return next((src for key, src in self.sources if key == name), "default")
+
+    def settings(self) -> list[tuple[str, str, Any, str]]:
+        """Every setting that changes the result, as (group, name, value, source) rows in SETTING_GROUPS' order;
+        the recipe's row holds the recipe that runs."""
+        rows = []
+        for group, names in SETTING_GROUPS.items():
+            for name in names:
+                value = getattr(self, name)
+                if name == "recipe":
+                    value = f"{value} → {self.recipe_label}" if value == AUTO else self.recipe_label
+                rows.append((group, name, value, self.source(name)))
+        return rows
 
     def note_lines(self) -> list[str]:
         """The notes as lines to print, "NOTE: image_size 32 → 71: ..." (the profile's source goes with the profile)."""
@@ -139,6 +229,19 @@ class RunConfig:
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(RunConfig))
+
+# The settings that change a run's result, grouped as a summary prints them (describe, RunConfig.settings). Left
+# out: notes and sources (about the values), cache and run_eagerly (speed only), output_dir (where, not what).
+SETTING_GROUPS: dict[str, tuple[str, ...]] = {
+    "data": ("data_dir", "split_path", "split_by", "val_fraction", "test_fraction", "image_size",
+             "synth_per_class", "synth_size", "synth_duplicates", "synth_shortcut"),
+    "model": ("arch", "weights", "dropout", "hidden_units"),
+    "training": ("recipe", "epochs", "head_epochs", "unfreeze_layers", "batch_size", "seed", "class_weights",
+                 "patience"),
+    "learning rate": ("head_lr", "finetune_lr", "scratch_learning_rate", "lr_factor", "lr_patience", "min_lr"),
+    "augmentation": ("augment_brightness", "augment_contrast"),
+    "evaluation": ("bootstrap", "gradcam_images", "tta", "cost_repeats"),
+}
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -174,10 +277,12 @@ def resolve(
     stand-in is allowed (notebooks, run_all.py), no data_dir means the demo profile on the set in the output folder's
     `synthetic_data` (made by the caller); the paper profile still needs the real dataset. imagenet_reachable(arch):
     asked in the demo profile only; False means random initialisation, said loudly. default_output: the output
-    folder when neither output_dir nor BLOODCELL_OUTPUT names one.
+    folder when neither output_dir nor BLOODCELL_OUTPUT names one ("auto": the repository's Saved Models).
+    Every value's source is recorded in `sources` (RunConfig.source).
     """
     given = {k: v for k, v in params.items() if v is not None}
     _refuse_unknown(given)
+    given.pop("sources", None)  # recomputed below
     if spec is not None:
         given["arch"] = spec.key
     no_data = not given.get("data_dir")
@@ -185,15 +290,24 @@ def resolve(
                                 default_why="the default without a dataset" if stand_in and no_data else "the default")
     notes = [*given.pop("notes", ()), ("profile", why)]
     values = {**PROFILES[name], **given, "profile": name}
+    sources = {key: f"profile {name}" for key in PROFILES[name]}
+    sources.update({key: "parameter" for key in given})
+    sources["profile"] = (f"environment ({PROFILE_ENV})" if why.startswith("from the environment")
+                          else "parameter" if why.startswith("given") else "default")
     values["output_dir"], why = resolve_output_dir(given.get("output_dir"), default_output)
     if why:
         notes.append(("output_dir", why))
+        if "environment variable" in why:
+            sources["output_dir"] = f"environment ({OUTPUT_ENV})"
+        elif not why.startswith("given"):
+            sources["output_dir"] = RULE
     if spec is not None:
         size = parse_image_size(values.get("image_size", "native"))
         if "image_size" not in given and isinstance(size, int) and size < spec.min_size:
             notes.append(("image_size", f"{size} → {spec.min_size}: the smallest {spec.display_name} accepts "
                                         f"(the {name} profile's {size} is below it)"))
             size = spec.min_size
+            sources["image_size"] = RULE
         check_image_size(spec, size)  # an explicit size the network cannot take is refused here, before any work
         values["image_size"] = size
     if stand_in and no_data:
@@ -201,16 +315,18 @@ def resolve(
             raise ConfigError("The paper profile trains on the real dataset: pass --data-dir (DATA_DIR) with the "
                               "Kaggle folder, or choose the demo profile (a synthetic stand-in).")
         values["data_dir"] = str(Path(values["output_dir"]) / SYNTHETIC_FOLDER)
+        sources["data_dir"] = RULE
         notes.append(("data_dir", f"→ {values['data_dir']}: no dataset given, so the synthetic stand-in "
                                   "(made once, then reused)"))
     arch = values.get("arch", RunConfig.arch)
     if imagenet_reachable is not None and name == "demo" and values.get("weights") == IMAGENET \
             and not imagenet_reachable(arch):
         values["weights"] = None
+        sources["weights"] = RULE
         notes.append(("weights", "imagenet → none: IMAGENET WEIGHTS ARE NOT REACHABLE: training from random "
                                  "initialisation; these numbers say nothing about transfer learning"))
     try:
-        return RunConfig(**values, notes=tuple(notes))
+        return RunConfig(**values, notes=tuple(notes), sources=tuple(sources.items()))
     except TypeError as exc:
         raise ConfigError(f"Bad run parameter: {exc}.") from exc
 
@@ -238,19 +354,31 @@ def resolve_profile(profile: str | None, default: str = "paper", default_why: st
 
 def resolve_output_dir(output_dir: str | Path | None, default: str = DEFAULT_OUTPUT) -> tuple[str, str | None]:
     """Return (output folder, why, or None for a plain given or default one). A given folder wins; BLOODCELL_OUTPUT
-    only replaces an unset one or "auto"; else `default`."""
+    only replaces an unset one or "auto"; else `default`, where "auto" is the repository's Saved Models."""
     env = os.environ.get(OUTPUT_ENV) or ""
     given = "" if output_dir is None or str(output_dir).strip().casefold() in ("", AUTO) else str(output_dir)
     if given:
         return given, (f"given explicitly (it wins over {OUTPUT_ENV}={env})" if env and env != given else None)
     if env:
         return env, f"from the environment variable {OUTPUT_ENV}"
+    if default == AUTO:
+        folder, where = repository_output_dir()
+        return str(folder), f"auto → {folder}: {where}"
     return default, None
+
+
+def repository_output_dir() -> tuple[Path, str]:
+    """Return (the repository's Saved Models folder, how it was found): beside the package when bloodcell_lib runs
+    from a source checkout (an editable install, a clone in Colab), else in the current directory."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir():
+        return root / DEFAULT_OUTPUT, "the repository's, found from where bloodcell_lib is"
+    return Path.cwd() / DEFAULT_OUTPUT, "the current folder's (bloodcell_lib is installed, not a source checkout)"
 
 
 def output_dir_override(output_dir: str | Path | None) -> str:
     """Return the folder a notebook reads and writes: the given one; unset or "auto" → BLOODCELL_OUTPUT, else
-    ../Saved Models (for the Comparison notebook's calls, which take a folder rather than a RunConfig)."""
+    the repository's Saved Models (for the Comparison notebook's calls, which take a folder rather than a RunConfig)."""
     return resolve_output_dir(output_dir, NOTEBOOK_OUTPUT)[0]
 
 

@@ -3,6 +3,7 @@ what is a copy of what. The check only reads; it never writes into the dataset f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -202,8 +203,12 @@ def find_data_root(path: str | Path) -> Path:
     return top[0][2]
 
 
-def check_dataset(path: str | Path, progress: bool = True) -> DatasetReport:
-    """Read every image under the dataset folder once and report counts, problems, sizes and duplicate groups."""
+def check_dataset(path: str | Path, progress: bool = True, cache: Any = None) -> DatasetReport:
+    """Read every image under the dataset folder once and report counts, problems, sizes and duplicate groups.
+
+    cache: a cache.StudyCache the same pass fills (each image decoded once per study, at the cache's side); files
+    already in it are hashed, not decoded.
+    """
     started = time.perf_counter()
     requested = Path(path).expanduser()
     root = find_data_root(requested)
@@ -218,7 +223,8 @@ def check_dataset(path: str | Path, progress: bool = True) -> DatasetReport:
             files.extend((label, f) for f in _files_below(folder, root, problems))
     files.sort(key=lambda t: (CLASSES.index(t[0]), _rel(t[1], root)))
 
-    scanned = _scan(files, progress)
+    with cache.filling() if cache is not None else contextlib.nullcontext() as filler:
+        scanned = _scan(files, progress, filler)
     records: list[ImageRecord] = []
     prints: list[dedupe.CellPrint] = []
     for (label, file), (result, error) in zip(files, scanned):
@@ -358,7 +364,7 @@ def _files_below(folder: Path, root: Path, problems: list[Problem]) -> list[Path
     return files
 
 
-def _scan(files: list[tuple[str, Path]], progress: bool) -> list[tuple[Any, Any]]:
+def _scan(files: list[tuple[str, Path]], progress: bool, filler: Any = None) -> list[tuple[Any, Any]]:
     """Read every file once (in WORKERS threads), in order; each item is (result, None) or (None, (kind, message))."""
     bar = tqdm(
         total=len(files), desc="Checking images", unit="img", file=sys.stderr,
@@ -366,23 +372,32 @@ def _scan(files: list[tuple[str, Path]], progress: bool) -> list[tuple[Any, Any]
     )
     out = []
     with ThreadPoolExecutor(max_workers=WORKERS) as pool, bar:
-        for item in pool.map(lambda t: _read_one(t[1]), files):
+        for item in pool.map(lambda t: _read_one(t[1], filler), files):
             out.append(item)
             bar.update(1)
     return out
 
 
-def _read_one(file: Path) -> tuple[Any, Any]:
-    """Return ((sha256, mode, height, width, cell print), None) or (None, (kind, message)) for one file."""
+def _read_one(file: Path, filler: Any = None) -> tuple[Any, Any]:
+    """Return ((sha256, mode, height, width, cell print), None) or (None, (kind, message)) for one file.
+
+    filler: a StudyCache's filler: a file it holds is not decoded; one it lacks is added to it.
+    """
     try:
         data = file.read_bytes()
     except OSError as exc:
         return None, ("corrupt", f"cannot be read ({exc.strerror or exc})")
     if not data:
         return None, ("empty", "the file is empty (0 bytes); delete or replace it")
+    sha = hashlib.sha256(data).hexdigest()
+    cached = filler.lookup(sha) if filler is not None else None
+    if cached is not None:
+        return (sha, _original_mode(data), *cached[0], cached[1]), None
     try:
         # The fingerprint needs WORK_SIDE px; twice that keeps the resize an average of several pixels.
-        rgb, size = images.read_rgb_sized(file, min_side=2 * dedupe.WORK_SIDE)
+        # With a cache, at its side when that is larger: the one decode serves both.
+        side = max(2 * dedupe.WORK_SIDE, filler.cache.side if filler is not None else 0)
+        rgb, size = images.read_rgb_sized(file, min_side=side)
     except ImageTooLargeError as exc:
         return None, ("too_large", _strip_path(str(exc), file))
     except ImageDecodeError as exc:
@@ -390,7 +405,10 @@ def _read_one(file: Path) -> tuple[Any, Any]:
         return None, (kind, _strip_path(str(exc), file))
     except Exception as exc:  # noqa: BLE001 — one odd file must not stop a 15,000-file scan
         return None, ("corrupt", f"unexpected error while decoding ({type(exc).__name__}: {exc})")
-    return (hashlib.sha256(data).hexdigest(), _original_mode(data), *size, dedupe.cell_print(rgb)), None
+    fingerprint = dedupe.cell_print(rgb)
+    if filler is not None:
+        filler.add(sha, rgb, size, fingerprint)
+    return (sha, _original_mode(data), *size, fingerprint), None
 
 
 def _original_mode(data: bytes) -> str:

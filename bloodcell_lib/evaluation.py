@@ -2,6 +2,14 @@
 
 Design rule: the test subset gets exactly one prediction pass; every number is computed from the
 predictions written to `<run>_predictions.csv`, so anyone can recompute them from that file.
+
+Three further measurements sit beside that pass, each on inputs of its own and labelled as such:
+- calibration: the validation subset gets its own pass (`<run>_val_predictions.csv`), a temperature is fitted on
+  it and the test predictions are scored before and after (calibration.py; `<run>_reliability.png`);
+- test-time augmentation (optional, TTA_BY_PROFILE): the probabilities averaged over the 8 rotations and flips
+  of each test image (cells have no orientation), in `<run>_tta_predictions.csv`, with a paired test against the
+  plain pass;
+- the background shortcut (shortcut.py): accuracy with the cell masked out and with the background masked out.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import cv2
 import keras
@@ -21,21 +29,26 @@ import tensorflow as tf
 
 from bloodcell_lib import figures
 from bloodcell_lib.atomic import describe_os_error
+from bloodcell_lib.calibration import apply_temperature, calibration_report, plot_reliability, reliability_curve
 from bloodcell_lib.classes import CLASSES
-from bloodcell_lib.config import DEFAULT_BOOTSTRAP, DEFAULT_SEED, RunConfig, profile_config
+from bloodcell_lib.config import DEFAULT_BOOTSTRAP, DEFAULT_SEED, RunConfig, profile_config, resolve_profile
 from bloodcell_lib.cost import measure_cost
 from bloodcell_lib.errors import OutputError, ProvenanceError
 from bloodcell_lib.explain import explain_summary, gradcam_heatmaps, overlay_heatmap
 from bloodcell_lib.history import history_path, load_history
 from bloodcell_lib.masks import cell_masks
+from bloodcell_lib.metrics import paired_comparison
 from bloodcell_lib.model import check_model_fits_study, load_trained_model, model_image_size
 from bloodcell_lib.pipeline import load_images, make_dataset
 from bloodcell_lib.registry import get_arch
 from bloodcell_lib.results import (
     PROB_COLUMNS,
+    TTA_VARIANT,
+    VAL_VARIANT,
     GradcamExamples,
     figure_path,
     library_versions,
+    predictions_path,
     record_predictions,
     results_record,
     run_name,
@@ -43,11 +56,19 @@ from bloodcell_lib.results import (
     write_gradcam,
     write_results,
 )
+from bloodcell_lib.shortcut import shortcut_test
 from bloodcell_lib.split import load_split
 
 # Side of the heatmaps saved in `<run>_gradcam.npz`: Grad-CAM maps are upsampled from a feature map of 7-19 cells,
 # so 64 px keeps all they hold at a fraction of the image-sized file.
 GRADCAM_SAVED_SIDE = 64
+# Test-time augmentation when evaluate() is not told (tta=None), by the run's profile: on for the study itself,
+# off where a quick run matters more than the last point of accuracy (it costs 8 passes over the test images).
+TTA_BY_PROFILE: dict[str, bool] = {"paper": True, "demo": False, "smoke": False}
+# The orientations TTA averages over: rot90 k times, of the image and of its mirror image (the dihedral group D4).
+TTA_VIEWS = 8
+# Metrics whose TTA value and paired difference to the plain pass the results record.
+TTA_KEYS = ("macro_f1", "accuracy")
 
 logger = logging.getLogger(__name__)
 
@@ -196,16 +217,19 @@ def evaluate(model, split: pd.DataFrame, subset: str = "test", output_dir: str |
              history: dict | None = None, config: dict | None = None, model_path: str | Path | None = None,
              weights_used: str | None = None, gradcam_images: int = 50, n_boot: int = DEFAULT_BOOTSTRAP,
              seed: int = DEFAULT_SEED, make_figures: bool = True, cost_repeats: int = 20,
-             allow_other_split: bool = False) -> dict[str, Any]:
+             allow_other_split: bool = False, tta: bool | None = None) -> dict[str, Any]:
     """Evaluate a model on a split subset and write `<run>_predictions.csv` and `<run>_results.json`.
 
     A split other than the one in the model's training history is refused (ProvenanceError) unless
-    allow_other_split, and then labelled in results["split"]["matches_training_split"].
+    allow_other_split, and then labelled in results["split"]["matches_training_split"]. Besides the metrics the
+    results hold `calibration` (temperature fitted on the validation subset), `tta` (test-time augmentation;
+    tta None → TTA_BY_PROFILE of config's profile) and `shortcut_test` (the background shortcut).
     """
     output_dir = Path(output_dir)
     spec = get_arch(model.name)
     check_model_fits_study(model, model_path or spec.display_name)
     name = run_name(spec.key, split)
+    tta, tta_why = tta_setting(tta, (config or {}).get("profile"))
     # Before the prediction pass: a model must not be scored on images it may have been trained on.
     split_block = split_info(split)
     split_block.update(check_training_split(split_block, history, allow_other_split,
@@ -221,8 +245,24 @@ def evaluate(model, split: pd.DataFrame, subset: str = "test", output_dir: str |
             run=name, architecture=spec.key, display_name=spec.display_name, split=split, split_block=split_block,
             metrics=metrics, output_dir=output_dir, versions=library_versions(tf, keras),
             weights=weights_used or meta.get("weights_used"), image_size=model_image_size(model), epochs=epochs,
-            subset=subset, config=config or {},
+            recipe=meta.get("recipe"), subset=subset, config=config or {},
         )
+        results["calibration"] = calibrate(model, split, subset, frame, work, name, n_boot=n_boot, seed=seed,
+                                           make_figures=make_figures)
+        # The subset's images, decoded like the prediction pass, in its order: for TTA and the shortcut test.
+        images, labels, paths = load_images(split, subset, model_image_size(model))
+        if paths != frame["path"].astype(str).tolist():
+            raise RuntimeError("The images loaded for TTA and the shortcut test are not the predicted ones.")
+        predict = image_predictor(model)
+        results["tta"] = (evaluate_tta(predict, images, rows, frame, work, name, n_boot=n_boot, seed=seed)
+                          if tta else {"enabled": False})
+        results["tta"]["why"] = tta_why
+        masks, mask_source = cell_masks(Path(split.attrs.get("data_root", ".")), paths, images)
+        results["shortcut_test"], _ = shortcut_test(
+            predict, images, labels, masks, groups=frame["group"].to_numpy(),
+            original_proba=frame[PROB_COLUMNS].to_numpy(dtype=np.float64), n_boot=n_boot, seed=seed,
+            mask_source=mask_source)
+        del images
         results["cost"] = measure_cost(model, model_path=model_path, training_seconds=meta.get("total_seconds"),
                                        epochs=(epochs or {}).get("total"), repeats=cost_repeats)
         results["explainability"] = explain_model(model, split, frame if subset == "test" else frame.iloc[:0],
@@ -230,8 +270,108 @@ def evaluate(model, split: pd.DataFrame, subset: str = "test", output_dir: str |
         if make_figures:
             results["figures"] = [str(output_dir / Path(p).name)
                                   for p in save_figures(frame, metrics, work, name, _curves(history))]
+            if results["calibration"].get("temperature") is not None:
+                results["figures"].append(str(output_dir / figure_path(work, name, "reliability").name))
         write_results(work, results)
     return results
+
+
+def tta_setting(tta: bool | None, profile: str | None) -> tuple[bool, str]:
+    """(whether to average over rotations and flips, why): an explicit tta wins, else TTA_BY_PROFILE of the profile
+    (None → the one config.resolve_profile picks: BLOODCELL_PROFILE, else paper)."""
+    if tta is not None:
+        return bool(tta), "given explicitly"
+    name = profile or resolve_profile(None)[0]
+    on = TTA_BY_PROFILE.get(name, False)
+    return on, f"{'on' if on else 'off'} in the {name} profile (evaluation.TTA_BY_PROFILE)"
+
+
+def image_predictor(model, batch_size: int = 32) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from uint8 N×S×S×3 images to the model's N×5 probabilities (float64), through the network's own
+    preprocessing, batch by batch."""
+    spec = get_arch(model.name)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        if len(images) == 0:
+            return np.zeros((0, len(CLASSES)))
+        return np.concatenate([np.asarray(model.predict_on_batch(spec.network_input(images[i:i + batch_size])),
+                                          dtype=np.float64)
+                               for i in range(0, len(images), batch_size)])
+
+    return predict
+
+
+def dihedral_views(images: np.ndarray) -> Iterator[np.ndarray]:
+    """The TTA_VIEWS orientations of N×S×S×3 images: each rotated by 0, 90, 180, 270 degrees, then mirrored and
+    rotated again. The first view is the images themselves."""
+    for mirror in (False, True):
+        base = images[:, :, ::-1] if mirror else images
+        for turns in range(4):
+            yield np.ascontiguousarray(np.rot90(base, turns, axes=(1, 2)))
+
+
+def tta_proba(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+    """The probabilities averaged over the dihedral views of each image (one view in memory at a time)."""
+    total = None
+    for view in dihedral_views(images):
+        p = predict(view)
+        total = p if total is None else total + p
+    return total / TTA_VIEWS
+
+
+def evaluate_tta(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, rows: pd.DataFrame,
+                           frame: pd.DataFrame, folder: Path, name: str, n_boot: int, seed: int) -> dict[str, Any]:
+    """Average each image's probabilities over its rotations and flips, write `<name>_tta_predictions.csv`, and
+    score it beside the plain pass: TTA_KEYS with intervals, and the paired difference TTA − plain with the same
+    groups and resamples. frame: the plain pass's predictions file, rows: the split rows it was made from."""
+    _, tta_metrics = record_predictions(folder, name, rows, tta_proba(predict, images), n_boot=n_boot, seed=seed,
+                                        variant=TTA_VARIANT)
+    tta_frame = pd.read_csv(predictions_path(folder, name, TTA_VARIANT))
+    y = frame["true_label"].map(CLASSES.index).to_numpy()
+    block: dict[str, Any] = {"enabled": True, "views": TTA_VIEWS,
+                             "predictions_file": predictions_path(folder, name, TTA_VARIANT).name}
+    for key in TTA_KEYS:
+        paired = paired_comparison(y, tta_frame[PROB_COLUMNS].to_numpy(dtype=np.float64),
+                                   frame[PROB_COLUMNS].to_numpy(dtype=np.float64), groups=frame["group"].to_numpy(),
+                                   metric=key, n_boot=n_boot, seed=seed)
+        block[key] = tta_metrics[key]
+        block[f"{key}_ci"] = tta_metrics[f"{key}_ci"]
+        block[f"{key}_plain"] = paired["metric_b"]
+        block[f"{key}_delta"] = paired["delta"]
+        block[f"{key}_delta_ci"] = paired["ci"]
+        block[f"{key}_delta_p"] = paired["p_value"]
+    block.update({"n": int(len(y)), "n_boot": int(n_boot), "seed": int(seed),
+                  "method": "mean probability over 4 rotations x 2 mirrorings; paired group bootstrap against "
+                            "the plain pass, group sign-flip p-value"})
+    return block
+
+
+def calibrate(model, split: pd.DataFrame, subset: str, frame: pd.DataFrame, folder: Path, name: str, n_boot: int,
+              seed: int, make_figures: bool = True) -> dict[str, Any]:
+    """Temperature scaling fitted on the validation subset and scored on `frame` (the evaluated subset's predictions
+    file): calibration.calibration_report plus the validation predictions' file. The validation subset gets a
+    pass of its own, written to `<name>_val_predictions.csv`; with make_figures, `<name>_reliability.png` shows
+    the reliability before and after. A split without validation images, or evaluating the validation subset
+    itself, gives {"skipped": why}."""
+    if subset == "val":
+        return {"skipped": "the evaluated subset is the validation subset the temperature would be fitted on"}
+    if not (split["subset"] == "val").any():
+        return {"skipped": "the split has no validation images to fit a temperature on"}
+    val_rows, val_proba = predict_subset(model, split, "val")
+    val_frame, _ = record_predictions(folder, name, val_rows, val_proba, n_boot=0, seed=seed, variant=VAL_VARIANT)
+    y_test = frame["true_label"].map(CLASSES.index).to_numpy()
+    p_test = frame[PROB_COLUMNS].to_numpy(dtype=np.float64)
+    report = calibration_report(val_frame["true_label"].map(CLASSES.index).to_numpy(),
+                                val_frame[PROB_COLUMNS].to_numpy(dtype=np.float64), y_test, p_test,
+                                groups=frame["group"].to_numpy(), n_boot=n_boot, seed=seed)
+    report["val_predictions_file"] = predictions_path(folder, name, VAL_VARIANT).name
+    if make_figures:
+        t = report["temperature"]
+        plot_reliability({"before": reliability_curve(y_test, p_test),
+                          f"after (T = {t:.2f})": reliability_curve(y_test, apply_temperature(p_test, t))},
+                         path=figure_path(folder, name, "reliability"),
+                         title=f"Reliability — {get_arch(model.name).display_name}")
+    return report
 
 
 @contextlib.contextmanager
@@ -272,7 +412,7 @@ def evaluate_saved_model(model_path: str | Path, split_path: str | Path, output_
     cfg = (cfg or evaluation_config(model_path)).replace(arch=spec.key)
     return evaluate(model, split, subset, output_dir, history=history, config=cfg.to_dict(), model_path=model_path,
                     gradcam_images=cfg.gradcam_images, n_boot=cfg.bootstrap, seed=cfg.seed,
-                    cost_repeats=cfg.cost_repeats, allow_other_split=allow_other_split)
+                    cost_repeats=cfg.cost_repeats, allow_other_split=allow_other_split, tta=cfg.tta)
 
 
 # ---------------------------------------------------------------------------------------------------------

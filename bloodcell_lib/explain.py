@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -89,6 +90,45 @@ def gradcam_side_by_side(output_dir: str | Path, per_class: int = 1, runs: Seque
             titles.append(f"{examples.display_name}\ntrue {CLASSES[true]}\npred {CLASSES[pred]}")
             colours.append("green" if true == pred else "red")
     return plot_image_grid(images, titles, ncols=len(paths), title="Grad-CAM, same test images", colours=colours)
+
+
+@dataclass(frozen=True)
+class ImageExplanation:
+    """One image explained: the uint8 image the model saw, its class probabilities and a heatmap per method."""
+
+    image: np.ndarray  # uint8 S×S×3, at the model's input size
+    probabilities: np.ndarray  # one per class of CLASSES
+    heatmaps: dict[str, np.ndarray]  # method → float32 S×S in [0, 1], for the predicted class
+    true_label: str | None = None
+
+    def top(self, k: int = 3) -> list[tuple[str, float]]:
+        """The k most probable classes with their probabilities, most probable first."""
+        order = np.argsort(-self.probabilities, kind="stable")[:k]
+        return [(CLASSES[i], float(self.probabilities[i])) for i in order]
+
+
+def explain_image(model, image_uint8: np.ndarray, true_label: str | None = None,
+                  layer: str | None = None) -> ImageExplanation:
+    """Probabilities and every METHODS heatmap of the predicted class for one uint8 RGB image at the model's size."""
+    image = np.asarray(image_uint8)
+    spec = _registry_spec(model.name)
+    batch = image[None]
+    x = spec.network_input(batch) if spec is not None else batch.astype(np.float32)
+    proba = _run_batched(_compiled_forward(model, x.shape[1:]), x, 1)[0]
+    predicted = [int(np.argmax(proba))]
+    heatmaps = {method: gradcam_heatmaps(model, x, predicted, layer, method)[0] for method in METHODS}
+    return ImageExplanation(image, proba, heatmaps, true_label)
+
+
+def plot_explanation(explanation: ImageExplanation, k: int = 3) -> Figure:
+    """Figure: the image with its top-k classes, then each method's heatmap over it, side by side."""
+    top = "\n".join(f"{name} {p:.2f}" for name, p in explanation.top(k))
+    truth = f"true {explanation.true_label}\n" if explanation.true_label else ""
+    predicted = explanation.top(1)[0][0]
+    images = [explanation.image] + [overlay_heatmap(explanation.image, heat) for heat in explanation.heatmaps.values()]
+    titles = [f"{truth}{top}"] + [f"{method}: {predicted}" for method in explanation.heatmaps]
+    colour = "black" if explanation.true_label is None else ("green" if predicted == explanation.true_label else "red")
+    return plot_image_grid(images, titles, ncols=len(images), colours=[colour] * len(images))
 
 
 def focus_score(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:

@@ -71,6 +71,17 @@ def read_rgb_sized(path: str | Path, min_side: int | None = None) -> tuple[np.nd
         raise ImageDecodeError(f"{path}: corrupt or truncated image ({exc}); re-export or remove it.") from exc
 
 
+def displayed_size(path: str | Path) -> tuple[int, int]:
+    """Return (height, width) of an image as read_rgb shows it (EXIF rotation applied), from its header alone."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            turned = "exif" in img.info and img.getexif().get(_EXIF_ORIENTATION, 1) in _TURNED_A_QUARTER
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"{path}: not an image file Pillow can read ({exc}); remove it.") from exc
+    return (width, height) if turned else (height, width)
+
+
 # EXIF orientations 5-8 turn the picture by a quarter: displayed width and height swap.
 _EXIF_ORIENTATION = 0x0112
 _TURNED_A_QUARTER = (5, 6, 7, 8)

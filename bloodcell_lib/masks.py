@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from bloodcell_lib.images import read_rgb
+from bloodcell_lib.images import displayed_size
 from bloodcell_lib.synthetic import MANIFEST_NAME, load_manifest, manifest_mask
 
 MANIFEST_SOURCE = "synthetic manifest ellipses"
@@ -40,7 +40,7 @@ def cell_masks(data_root: str | Path, paths: Sequence[str], images: np.ndarray) 
         if all(p in manifest.index for p in paths):
             masks = []
             for p in paths:
-                h, w = read_rgb(root / p).shape[:2]
+                h, w = displayed_size(root / p)
                 m = manifest_mask(manifest.loc[p], h, w).astype(np.uint8)
                 masks.append(cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST).astype(bool))
             return np.stack(masks), MANIFEST_SOURCE

@@ -23,7 +23,19 @@ from matplotlib.figure import Figure
 
 import bloodcell_lib
 from bloodcell_lib.atomic import write_text
-from bloodcell_lib.compare import BASELINE_RUN, Comparison, compare_results, display_paired, display_table
+from bloodcell_lib.compare import (
+    BASELINE_RUN,
+    READ_CALIBRATION,
+    READ_SHORTCUT,
+    READ_TTA,
+    Comparison,
+    compare_results,
+    display_calibration,
+    display_paired,
+    display_shortcut,
+    display_table,
+    display_tta,
+)
 from bloodcell_lib.errors import OutputError
 from bloodcell_lib.figures import figure_png, plot_bars_with_intervals, plot_scatter
 from bloodcell_lib.results import figure_path, read_results, results_files, run_of, utc_timestamp
@@ -41,7 +53,8 @@ METRIC_BARS = (("macro_f1", "Macro-F1 with 95% interval whiskers"),
 COST_SCATTERS = (("flops_per_image", "Accuracy against FLOPs per image"),
                  ("latency_ms", "Accuracy against latency (batch 1, median ms)"))
 # The figures evaluation writes for each run (`<run>_<kind>.png`) that the report shows side by side.
-MODEL_FIGURES = (("confusion_normalised", "normalised confusion matrix"), ("gradcam", "Grad-CAM on test images"))
+MODEL_FIGURES = (("confusion_normalised", "normalised confusion matrix"), ("gradcam", "Grad-CAM on test images"),
+                 ("reliability", "reliability before and after temperature scaling"))
 
 
 def write_comparison_report(results_dir: str | Path, comparison: Comparison | None = None) -> Path:
@@ -109,6 +122,11 @@ def report_context(results_dir: Path, comparison: Comparison) -> dict[str, Any]:
         "figures_absent": figures_absent,
         "paired": html_table(display_paired(comparison.paired)),
         "leakage": html_table(leakage_display(comparison.leakage)),
+        "checks": [{"title": title, "note": note, "table": html_table(frame)} for title, note, frame in (
+            ("Does the model read the cell? The background shortcut, tested directly", READ_SHORTCUT,
+             display_shortcut(comparison.table)),
+            ("Can its confidence be trusted? Calibration", READ_CALIBRATION, display_calibration(comparison.table)),
+            ("Test-time augmentation", READ_TTA, display_tta(comparison.table)))],
         "mcnemar": html_table(mcnemar_display(comparison.mcnemar)),
         "model_figures": model_figures(results_dir, comparison.table),
         "runs": html_table(runs_table(comparison.table, runs)),

@@ -5,7 +5,10 @@ columns PREDICTION_COLUMNS (path, true_label, pred_label, prob_<class> per class
 number of `<run>_results.json` from that file (record_predictions), so anyone can recompute them from it. The
 metrics with intervals in a results file are metrics.SCALAR_KEYS, named where they are computed. A network's run
 also saves the test images Grad-CAM explained, with their heatmaps, in `<run>_gradcam.npz` (GradcamExamples),
-so figures across models need no model loaded and nothing recomputed.
+so figures across models need no model loaded and nothing recomputed. Beside the test pass, a network's run keeps the
+predictions of other inputs in files of the same schema (predictions_path's variants): `<run>_val_predictions.csv`
+(the validation subset, which the temperature of calibration is fitted on) and `<run>_tta_predictions.csv` (the
+test images averaged over their rotations and flips).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from bloodcell_lib.split import dataset_fingerprint, split_sha256
 
 PROB_COLUMNS = [f"prob_{name}" for name in CLASSES]
 PREDICTION_COLUMNS = ["path", "true_label", "pred_label", *PROB_COLUMNS, "group"]
+# The predictions files a network's run writes beside its test pass (predictions_path's variants).
+VAL_VARIANT = "val"
+TTA_VARIANT = "tta"
 # A run on an image-level split (to measure leakage) is named after its architecture with this suffix.
 IMAGE_SPLIT_SUFFIX = "_imagesplit"
 # Versions are recorded under the names people install the libraries by.
@@ -45,9 +51,11 @@ def run_name(arch: str, split: pd.DataFrame) -> str:
     return f"{arch}{IMAGE_SPLIT_SUFFIX}" if split.attrs.get("split_by") == "image" else arch
 
 
-def predictions_path(folder: str | Path, run: str) -> Path:
-    """`<folder>/<run>_predictions.csv`."""
-    return Path(folder) / f"{run}_predictions.csv"
+def predictions_path(folder: str | Path, run: str, variant: str = "") -> Path:
+    """`<folder>/<run>_predictions.csv`: the one test pass. With a variant, `<run>_<variant>_predictions.csv`:
+    predictions of something else, kept beside it (VAL_VARIANT: the validation subset; TTA_VARIANT: the test
+    images averaged over their rotations and flips)."""
+    return Path(folder) / f"{run}_{variant + '_' if variant else ''}predictions.csv"
 
 
 def results_path(folder: str | Path, run: str) -> Path:
@@ -99,13 +107,13 @@ def read_predictions(path: str | Path) -> tuple[np.ndarray, np.ndarray, pd.DataF
 
 
 def record_predictions(folder: str | Path, run: str, rows: pd.DataFrame, proba: np.ndarray, n_boot: int,
-                       seed: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+                       seed: int, variant: str = "") -> tuple[pd.DataFrame, dict[str, Any]]:
     """Write `<run>_predictions.csv` into folder, then compute the metrics from that file: (its frame, metrics).
 
     The metrics come from the file just written, so they are exactly what the CSV says; intervals resample the
-    CSV's duplicate groups (n_boot, seed: the study's bootstrap).
+    CSV's duplicate groups (n_boot, seed: the study's bootstrap). variant: write `<run>_<variant>_predictions.csv`.
     """
-    path = predictions_path(folder, run)
+    path = predictions_path(folder, run, variant)
     write_text(path, predictions_frame(rows, proba).to_csv(index=False))
     y_true, proba, frame = read_predictions(path)
     return frame, compute_metrics(y_true, proba, groups=frame["group"].to_numpy(), n_boot=n_boot, seed=seed)

@@ -13,22 +13,28 @@ import numpy as np
 import pandas as pd
 from IPython.display import Image, Markdown
 
-from bloodcell_lib import evaluation
+from bloodcell_lib import evaluation, progress
 from bloodcell_lib.baseline import ensure_shortcut_baseline
+from bloodcell_lib.cache import StudyCache
 from bloodcell_lib.classes import CLASSES
-from bloodcell_lib.compare import BASELINE_RUN, compare_results, display_paired, display_table
-from bloodcell_lib.config import AUTO, NOTEBOOK_OUTPUT, RunConfig, check_image_size, output_dir_override, resolve
+from bloodcell_lib.compare import (BASELINE_RUN, compare_results, display_calibration, display_paired,
+                                   display_shortcut, display_table, display_tta)
+from bloodcell_lib.config import (AUTO, NOTEBOOK_OUTPUT, SCRATCH, RunConfig, check_image_size, output_dir_override,
+                                  resolve)
 from bloodcell_lib.dataset import check_dataset
-from bloodcell_lib.explain import gradcam_side_by_side
+from bloodcell_lib.errors import ConfigError
+from bloodcell_lib.explain import explain_image as explain_one_image
+from bloodcell_lib.explain import gradcam_side_by_side, plot_explanation
 from bloodcell_lib.figures import plot_class_examples, plot_duplicate_diagnostics, plot_history, plot_image_grid
 from bloodcell_lib.images import read_rgb
-from bloodcell_lib.model import imagenet_available
+from bloodcell_lib.model import build_model, imagenet_available, layer_blocks
 from bloodcell_lib.pipeline import augment_image, load_images
 from bloodcell_lib.registry import get_arch
 from bloodcell_lib.report import cost_scatter, metric_bars, write_comparison_report
 from bloodcell_lib.split import SPLIT_FILE, resolve_split
 from bloodcell_lib.synthetic import ensure_synthetic_dataset
-from bloodcell_lib.training import train_from_config
+from bloodcell_lib.predict import prepare_image
+from bloodcell_lib.training import train_from_config, trainable_layers
 
 
 def configure(arch: str, profile: str = AUTO, data_dir: str | None = None, **params: Any) -> RunConfig:
@@ -43,18 +49,32 @@ def configure(arch: str, profile: str = AUTO, data_dir: str | None = None, **par
 
 
 def describe(cfg: RunConfig) -> str:
-    """A short, loud summary of what this run will do, with every note of what was chosen for the user and why."""
+    """A loud summary of what this run will do; then every setting that changes the result, grouped, with where its
+    value came from (parameter, environment, profile, a rule of resolve, default); then every note of what was chosen
+    for the user and why."""
     spec = get_arch(cfg.arch)
     size = input_size(cfg)
     p1, p2 = cfg.phase_epochs
+    epochs = "every layer from the first epoch" if cfg.training_recipe == SCRATCH else f"{p1} head + {p2} fine-tuning"
     lines = [
         f"Architecture : {spec.display_name} ({cfg.arch}), input {size}×{size} px",
         f"Profile      : {cfg.profile} ({cfg.why('profile') or 'given'})",
         f"Dataset      : {cfg.data_dir}",
         f"Weights      : {cfg.weights or 'none (random initialisation)'}",
-        f"Epochs       : up to {cfg.epochs} ({p1} head + {p2} fine-tuning), batch {cfg.batch_size}, seed {cfg.seed}",
+        f"Recipe       : {cfg.recipe_label}",
+        f"Epochs       : up to {cfg.epochs} ({epochs}), batch {cfg.batch_size}, seed {cfg.seed}",
         f"Output folder: {cfg.output_path.resolve()}",
+        "",
+        "Settings that change the result (value — where it came from):",
     ]
+    settings = cfg.settings()
+    width = max(len(name) for _, name, _, _ in settings)
+    group = None
+    for group_name, name, value, source in settings:
+        if group_name != group:
+            lines.append(f"  {group_name}")
+            group = group_name
+        lines.append(f"    {name:<{width}} = {value}  [{source}]")
     return "\n".join(lines + cfg.note_lines())
 
 
@@ -64,8 +84,10 @@ def input_size(cfg: RunConfig) -> int:
 
 
 def check_data(cfg: RunConfig):
-    """Check the dataset folder and return the report (its summary is printed)."""
-    report = check_dataset(cfg.data_dir)
+    """Check the dataset folder and return the report (its summary is printed). The same pass fills the study's
+    image cache (OUTPUT/.image_cache), which every model's pipeline, evaluation and Grad-CAM read."""
+    progress.step("data check")
+    report = check_dataset(cfg.data_dir, cache=StudyCache.in_output(cfg.output_path, cfg.image_size))
     print(report.summary())
     return report
 
@@ -118,6 +140,7 @@ def show_boundary_pairs(report, n: int = 4):
 
 def prepare_split(cfg: RunConfig, report=None) -> pd.DataFrame:
     """The study's split: the output folder's split for this dataset, or a new one made and saved there."""
+    progress.step("split")
     split, path = resolve_split(cfg, verbose=1, report=report)
     split.attrs["split_path"] = str(path)
     return split
@@ -137,14 +160,44 @@ def show_preprocessing(cfg: RunConfig, split: pd.DataFrame):
 def show_augmentation(cfg: RunConfig, split: pd.DataFrame, n: int = 8):
     """Figure: the same training image through the training augmentation n times."""
     images, _, _ = load_images(split, "train", input_size(cfg), limit=1)
-    shown = [images[0]] + [np.asarray(augment_image(images[0], seed=(cfg.seed, i))) for i in range(n - 1)]
+    shown = [images[0]] + [np.asarray(augment_image(images[0], seed=(cfg.seed, i), brightness=cfg.augment_brightness,
+                                                    contrast_range=cfg.contrast_range)) for i in range(n - 1)]
     return plot_image_grid(shown, ["original"] + [f"augmented {i}" for i in range(1, n)], ncols=4,
                            title="Training augmentation (flips, 90° rotations, brightness/contrast)")
 
 
+def model_summary(cfg: RunConfig) -> pd.DataFrame:
+    """The network block by block: layers, parameters, and per phase of the run's recipe how many are trained and
+    how many stay fixed (fixed includes BatchNorm's moving statistics, which no gradient changes). Built with
+    weights=None, so it needs no download; the counts do not depend on the weights."""
+    spec = get_arch(cfg.arch)
+    model = build_model(spec.key, image_size=input_size(cfg), weights=None, dropout=cfg.dropout,
+                        hidden_units=cfg.hidden_units)
+    unfreeze = cfg.unfreeze_layers if cfg.unfreeze_layers is not None else spec.unfreeze_layers
+    phases = [p for p, epochs in enumerate(cfg.phase_epochs, start=1) if epochs]
+    trained = {p: {id(layer) for layer in trainable_layers(model, p, unfreeze, cfg.training_recipe)} for p in phases}
+    rows = []
+    for block, layers in layer_blocks(model).items():
+        row = {"block": block, "layers": len(layers), "parameters": sum(layer.count_params() for layer in layers)}
+        for p in phases:
+            row[f"phase {p} trained"] = sum(int(np.prod(w.shape)) for layer in layers if id(layer) in trained[p]
+                                            for w in layer.weights if w.trainable)
+            row[f"phase {p} fixed"] = row["parameters"] - row[f"phase {p} trained"]
+        rows.append(row)
+    table = pd.DataFrame(rows).set_index("block")
+    table.loc["total"] = table.sum()
+    return table
+
+
 def train(cfg: RunConfig, split: pd.DataFrame):
-    """Fine-tune the architecture in two phases (Keras progress bar shows live progress)."""
-    return train_from_config(cfg.replace(split_path=split.attrs["split_path"]))
+    """Train the architecture with the run's recipe (two-phase fine-tuning, or every layer from scratch); a live
+    progress bar when watched, a line per epoch when headless."""
+    progress.emit("training", arch=cfg.arch, epochs=cfg.epochs)
+    result = train_from_config(cfg.replace(split_path=split.attrs["split_path"]))
+    meta = result.history.get("meta") or {}
+    progress.emit("trained", arch=cfg.arch, epochs_run=len(result.history.get("phase", [])),
+                  best_epoch=meta.get("best_epoch"))
+    return result
 
 
 def show_curves(result):
@@ -154,10 +207,11 @@ def show_curves(result):
 
 def evaluate(cfg: RunConfig, result, split: pd.DataFrame) -> dict[str, Any]:
     """Evaluate the trained model on the test subset and write predictions, results and figures."""
+    progress.step("evaluation: predictions, metrics, Grad-CAM, cost")
     return evaluation.evaluate(result.model, split, "test", cfg.output_path, history=result.history,
                                config=cfg.to_dict(), model_path=result.model_path, weights_used=result.weights_used,
                                gradcam_images=cfg.gradcam_images, n_boot=cfg.bootstrap, seed=cfg.seed,
-                               cost_repeats=cfg.cost_repeats)
+                               cost_repeats=cfg.cost_repeats, tta=cfg.tta)
 
 
 def metrics_table(results: dict[str, Any]) -> pd.DataFrame:
@@ -189,6 +243,26 @@ def explainability_table(results: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows).T
 
 
+def explain_image(cfg: RunConfig, result, split: pd.DataFrame, image: int | str | Path = 0, top: int = 3):
+    """Figure: one image, its top classes and Grad-CAM / Grad-CAM++ of the predicted class side by side (the top
+    classes are printed too). image: a position in the test subset (split order) or the path of any image file."""
+    model = result.model
+    if isinstance(image, (int, np.integer)):
+        rows = split[split["subset"] == "test"]
+        if not 0 <= int(image) < len(rows):
+            raise ConfigError(f"image {image}: the test subset has {len(rows)} images, numbered 0 to {len(rows) - 1}; "
+                              "pass one of those numbers or the path of an image file.")
+        row = rows.iloc[int(image)]
+        path, true_label = Path(split.attrs["data_root"]) / row["path"], row["label"]
+    else:
+        path, true_label = Path(image), None
+    explanation = explain_one_image(model, prepare_image(read_rgb(path), int(model.input_shape[1])), true_label)
+    print(f"{path}" + (f" (true class: {true_label})" if true_label else ""))
+    for rank, (name, p) in enumerate(explanation.top(top), start=1):
+        print(f"  {rank}. {name:<22} {p:.3f}")
+    return plot_explanation(explanation, top)
+
+
 def outputs_written(cfg: RunConfig) -> pd.DataFrame:
     """The files this run wrote for its architecture, with their sizes."""
     files = sorted(p for p in cfg.output_path.glob(f"{cfg.arch}*") if p.is_file())
@@ -201,6 +275,7 @@ def outputs_written(cfg: RunConfig) -> pd.DataFrame:
 
 def compare(output_dir: str | Path):
     """Build the comparison of every model in the output folder (training the shortcut baseline if needed)."""
+    progress.step("comparison: shortcut baseline, table, paired tests")
     output_dir = Path(output_dir_override(output_dir))
     split_path = output_dir / SPLIT_FILE
     if split_path.exists():
@@ -216,8 +291,8 @@ def comparison_table(comparison) -> pd.DataFrame:
 
 
 def missing_table(comparison) -> pd.DataFrame:
-    """Models and files that are missing or partial (empty when everything is there)."""
-    return pd.DataFrame({"missing or partial": [*comparison.missing, *comparison.problems]})
+    """Models and files that are missing or partial; one row saying "none" when everything is there."""
+    return pd.DataFrame({"missing or partial": [*comparison.missing, *comparison.problems] or ["none"]})
 
 
 def show_metric_bars(comparison, metric: str):
@@ -237,9 +312,30 @@ def show_paired_tests(comparison):
     return display_paired(comparison.paired)
 
 
+def show_shortcut_test(comparison):
+    """Per network: accuracy on the test images, with the cell masked out and with the background masked out;
+    'YES' when it is far above chance without the cell (it reads the background)."""
+    shown = display_shortcut(comparison.table)
+    return shown if not shown.empty else "No network in this folder recorded the background shortcut test."
+
+
+def show_calibration(comparison):
+    """Per network: the temperature fitted on validation, and ECE, classwise ECE and Brier before and after it."""
+    shown = display_calibration(comparison.table)
+    return shown if not shown.empty else "No network in this folder recorded a calibration."
+
+
+def show_tta(comparison):
+    """Per network that ran it: macro-F1 and accuracy with test-time augmentation beside the single pass."""
+    shown = display_tta(comparison.table)
+    return shown if not shown.empty else ("No network in this folder ran test-time augmentation (off in the demo "
+                                          "and smoke profiles; evaluation.TTA_BY_PROFILE).")
+
+
 def show_gradcam_side_by_side(output_dir: str | Path, per_class: int = 1):
     """Figure: every evaluated model's Grad-CAM on the same test images (per_class of each class), drawn from the
     examples each evaluation saved (`<run>_gradcam.npz`): no model is reloaded and no heatmap recomputed."""
+    progress.step("Grad-CAM side by side")
     return gradcam_side_by_side(Path(output_dir_override(str(output_dir))), per_class=per_class)
 
 
@@ -264,6 +360,7 @@ def show_conclusion(comparison):
 def write_report(output_dir: str | Path, comparison=None) -> Path:
     """Write `comparison.html` into the output folder (self-contained: table, figures, conclusion, configuration,
     versions), print where it is and return its path. comparison: the folder's, when already built."""
+    progress.step("HTML report")
     path = write_comparison_report(Path(output_dir_override(output_dir)), comparison)
     print(f"HTML report: {path.resolve()}")
     return path

@@ -1,8 +1,11 @@
-"""Two-phase fine-tuning of a registry model, saved atomically and resumable after a kill (see resume.py).
+"""Two-phase fine-tuning of a registry model (or training from scratch), saved atomically and resumable after a
+kill (see resume.py).
 
-Phase 1 trains the new head at `head_lr` on a frozen base (a frozen BatchNormalization runs in inference
-mode in Keras 3, so its moving statistics stay those of the pretrained weights). Phase 2 unfreezes the top
-N base layers except BatchNormalization, recompiles at `finetune_lr` and numbers its epochs on from phase 1.
+From scratch (weights None, cfg.training_recipe "scratch"): one phase in which every layer trains from the first
+epoch at `scratch_learning_rate`, BatchNormalization in training mode. Fine-tuning pretrained weights: phase 1
+trains the new head at `head_lr` on a frozen base (a frozen BatchNormalization runs in inference mode in Keras 3,
+so its moving statistics stay those of the pretrained weights). Phase 2 unfreezes the top N base layers except
+BatchNormalization, recompiles at `finetune_lr` and numbers its epochs on from phase 1.
 `cfg.epochs` is the budget of both phases together: phase 2 runs until that total, so epochs that phase 1
 leaves unused by stopping early go to fine-tuning.
 """
@@ -21,21 +24,20 @@ import tensorflow as tf
 
 from bloodcell_lib.atomic import remove_stale_temporaries
 from bloodcell_lib.classes import CLASSES
-from bloodcell_lib.config import RunConfig, check_image_size
+from bloodcell_lib.config import FINE_TUNE, SCRATCH, RunConfig, check_image_size
 from bloodcell_lib.devices import choose_strategy, configure_precision, describe_strategy
 from bloodcell_lib.errors import ConfigError, DatasetError, TrainingInterrupted
 from bloodcell_lib.history import best_epoch, epoch_row, history_path, save_history
 from bloodcell_lib.lock import run_lock
 from bloodcell_lib.model import base_layers, build_model, describe_weights, head_layers, save_model
 from bloodcell_lib.pipeline import make_dataset
+from bloodcell_lib.progress import EpochProgress, fit_verbose
 from bloodcell_lib.registry import get_arch
 from bloodcell_lib.resume import (Journal, ResumableEarlyStopping, ResumableReduceLR, discard_progress, resume_dir,
                                   run_fingerprint)
 from bloodcell_lib.split import resolve_split, split_sha256
 
-# ReduceLROnPlateau: divide the rate by 5 after half of EarlyStopping's patience without improvement.
-_LR_FACTOR = 0.2
-_MIN_LR = 1e-7
+# ReduceLROnPlateau's factor, patience and floor are RunConfig fields (lr_factor, lr_patience, min_lr).
 
 
 @dataclass
@@ -86,7 +88,7 @@ def _train_locked(cfg: RunConfig, model_path: Path, verbose: int,
     split, split_path = resolve_split(cfg, verbose)
     datasets = {
         subset: make_dataset(split, subset, size, spec.preprocess, batch_size=cfg.batch_size, cache=cfg.cache,
-                             seed=cfg.seed)
+                             seed=cfg.seed, brightness=cfg.augment_brightness, contrast_range=cfg.contrast_range)
         for subset in ("train", "val")
     }
     train_labels = split.loc[split["subset"] == "train", "label"].map(CLASSES.index).to_numpy()
@@ -107,8 +109,10 @@ def _train_locked(cfg: RunConfig, model_path: Path, verbose: int,
         "epochs_planned": {"phase1": cfg.phase_epochs[0], "phase2": cfg.phase_epochs[1], "total": cfg.epochs},
         "total_seconds": float(sum(history["epoch_seconds"])),  # training time, summed over resumed runs
         "wall_seconds_this_run": time.time() - started,
+        "recipe": cfg.recipe_label,
         "head_lr": cfg.head_lr,
         "finetune_lr": cfg.finetune_lr,
+        "scratch_learning_rate": cfg.scratch_learning_rate,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
         "class_weights": class_weight,
@@ -142,28 +146,30 @@ def fine_tune(
     verbose: int = 1,
     callbacks: Iterable[keras.callbacks.Callback] = (),
 ) -> dict[str, list]:
-    """Train the head on the frozen base, then the top layers; return the history of both phases.
+    """Train the head on the frozen base, then the top layers (from scratch: every layer in one phase); return the
+    history of both phases.
 
     The history has a list per key of history.HISTORY_KEYS (one entry per epoch, both phases) and a "meta"
     dict (epochs per phase, best epoch, resumed_from_epoch, trainable parameters per phase), like the saved JSON.
 
-    Uses cfg.phase_epochs, head_lr, finetune_lr, unfreeze_layers (None → registry default), patience, seed
-    and run_eagerly. EarlyStopping on val_loss restores the best weights at the end of each phase, and phase 2
-    starts from phase 1's best, so fine-tuning never ends worse on validation than the head alone. With
+    Uses cfg.training_recipe, phase_epochs, phase_learning_rates, unfreeze_layers (None → registry default),
+    patience, lr_factor, reduce_lr_patience, min_lr, seed and run_eagerly. EarlyStopping on val_loss restores the
+    best weights at the end of each phase, and phase 2 starts from phase 1's best, so fine-tuning never ends worse on validation than the head alone. With
     resume_dir, progress is committed after each epoch and picked up by the next call with the same settings.
     """
     spec = get_arch(model.name)
     unfreeze = cfg.unfreeze_layers if cfg.unfreeze_layers is not None else spec.unfreeze_layers
     monitor = "val_loss" if val_data is not None else "loss"
+    recipe = cfg.training_recipe
     journal = Journal(resume_dir, run_fingerprint(model, cfg, unfreeze, resume_key), verbose)
     keras.utils.set_random_seed(cfg.seed)
     try:
         end = 0
-        for phase, (epochs, lr) in enumerate(zip(cfg.phase_epochs, (cfg.head_lr, cfg.finetune_lr)), start=1):
+        for phase, (epochs, lr) in enumerate(zip(cfg.phase_epochs, cfg.phase_learning_rates), start=1):
             if epochs == 0:
                 continue
             end += epochs
-            prepare_phase(model, phase, unfreeze)
+            prepare_phase(model, phase, unfreeze, recipe)
             with model.distribute_strategy.scope():
                 model.compile(
                     optimizer=keras.optimizers.Adam(learning_rate=lr), loss="sparse_categorical_crossentropy",
@@ -174,21 +180,25 @@ def fine_tune(
                 continue
             early = ResumableEarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True,
                                            verbose=min(verbose, 1))
-            reduce_lr = ResumableReduceLR(monitor=monitor, factor=_LR_FACTOR, patience=max(1, cfg.patience // 2),
-                                          min_lr=_MIN_LR, verbose=min(verbose, 1))
+            reduce_lr = ResumableReduceLR(monitor=monitor, factor=cfg.lr_factor, patience=cfg.reduce_lr_patience,
+                                          min_lr=cfg.min_lr, verbose=min(verbose, 1))
             start = journal.restore_progress(model, phase, early, reduce_lr)
             if start < end and not journal.stopped(phase):
                 if verbose:
-                    what = "the head on the frozen base" if phase == 1 else (
-                        f"the top {unfreeze} base layers (BatchNorm frozen) and the head")
-                    print(f"Phase {phase}: training {what} — {trainable_param_count(model, phase, unfreeze):,} "
-                          f"parameters, learning rate {lr:g}, epochs {start + 1}–{end} of {cfg.epochs}")
+                    what = ("every layer from random initialisation (BatchNorm in training mode)" if recipe == SCRATCH
+                            else "the head on the frozen base" if phase == 1
+                            else f"the top {unfreeze} base layers (BatchNorm frozen) and the head")
+                    count = trainable_param_count(model, phase, unfreeze, recipe)
+                    print(f"Phase {phase}: training {what} — {count:,} parameters, learning rate {lr:g}, "
+                          f"epochs {start + 1}–{end} of {cfg.epochs}")
                 recorder = _EpochRecorder(journal, phase, early, reduce_lr)
                 model.fit(
                     train_data, validation_data=val_data, epochs=end, initial_epoch=start,
                     # shuffle=False: the pipeline shuffles
                     class_weight=dict(class_weight) if class_weight else None, shuffle=False,
-                    callbacks=[*callbacks, early, reduce_lr, recorder], verbose=verbose,
+                    # verbose 2 (a line per epoch) when headless, the live bar when watched
+                    callbacks=[*callbacks, early, reduce_lr, recorder, EpochProgress(phase, cfg.epochs)],
+                    verbose=fit_verbose(verbose),
                 )
             else:  # killed after the phase's last epoch was committed: finish it as EarlyStopping would have
                 journal.load_best(model, phase)
@@ -207,31 +217,38 @@ def fine_tune(
                    "total": len(history["phase"])},
         "best_epoch": best_epoch(history),
         "resumed_from_epoch": journal.resumed_from,
+        "recipe": cfg.recipe_label,
         "unfreeze_layers": unfreeze,
-        "trainable_params": {f"phase{p}": trainable_param_count(model, p, unfreeze) for p in (1, 2)},
+        "trainable_params": {f"phase{p}": trainable_param_count(model, p, unfreeze, recipe)
+                             for p in ((1,) if recipe == SCRATCH else (1, 2))},
     }
     return history
 
 
-def prepare_phase(model: keras.Model, phase: int, unfreeze_layers: int) -> None:
-    """Set trainable flags: phase 1 → head only; phase 2 → head + top `unfreeze_layers` base layers but BatchNorm."""
-    chosen = {id(layer) for layer in trainable_layers(model, phase, unfreeze_layers)}
+def prepare_phase(model: keras.Model, phase: int, unfreeze_layers: int, recipe: str = FINE_TUNE) -> None:
+    """Set trainable flags: phase 1 → head only; phase 2 → head + top `unfreeze_layers` base layers but BatchNorm;
+    from scratch → every layer."""
+    chosen = {id(layer) for layer in trainable_layers(model, phase, unfreeze_layers, recipe)}
     for layer in base_layers(model) + head_layers(model):
         layer.trainable = id(layer) in chosen
 
 
-def trainable_layers(model: keras.Model, phase: int, unfreeze_layers: int) -> list[keras.layers.Layer]:
-    """Return the layers trained in a phase (BatchNormalization always stays frozen, in inference mode)."""
+def trainable_layers(model: keras.Model, phase: int, unfreeze_layers: int,
+                     recipe: str = FINE_TUNE) -> list[keras.layers.Layer]:
+    """Return the layers trained in a phase. Fine-tuning keeps BatchNormalization frozen, in inference mode, so its
+    pretrained statistics stay; from scratch every layer trains, BatchNormalization in training mode."""
     if phase not in (1, 2):
         raise ConfigError(f"phase must be 1 or 2, got {phase}.")
+    if recipe == SCRATCH:
+        return base_layers(model) + head_layers(model)
     top = base_layers(model)[-unfreeze_layers:] if phase == 2 and unfreeze_layers > 0 else []
     return [layer for layer in top if not isinstance(layer, keras.layers.BatchNormalization)] + head_layers(model)
 
 
-def trainable_param_count(model: keras.Model, phase: int, unfreeze_layers: int) -> int:
+def trainable_param_count(model: keras.Model, phase: int, unfreeze_layers: int, recipe: str = FINE_TUNE) -> int:
     """Return how many parameters a phase trains, without changing the model's trainable flags."""
     return int(sum(
-        np.prod(w.shape) for layer in trainable_layers(model, phase, unfreeze_layers) for w in layer.weights
+        np.prod(w.shape) for layer in trainable_layers(model, phase, unfreeze_layers, recipe) for w in layer.weights
         if w.trainable
     ))
 

@@ -8,6 +8,8 @@ import tempfile
 # The kernels nbval starts inherit these; the notebooks read them through bloodcell_lib.config.
 os.environ.setdefault("BLOODCELL_PROFILE", "smoke")
 os.environ.setdefault("BLOODCELL_OUTPUT", tempfile.mkdtemp(prefix="bloodcell-nbval-"))
+# Nobody watches these kernels: Keras writes a line per epoch, not a bar of one output per step (progress.py).
+os.environ.setdefault("BLOODCELL_HEADLESS", "1")
 
 
 def pytest_collection_modifyitems(items):

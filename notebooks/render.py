@@ -27,9 +27,10 @@ def model_notebooks() -> dict[str, str]:
 
 SETUP_PROSE = """## Setup
 
-Detects Colab, optionally mounts Google Drive (set `MOUNT_DRIVE = True` when your Kaggle folder lives
-there), and makes `bloodcell_lib` importable: in a local clone it is found next to this notebook; in
-Colab, first clone the repository into `/content/bloodcell` (or copy it to `MyDrive/bloodcell`)."""
+Detects Colab, mounts Google Drive when `MOUNT_DRIVE = True` in the Parameters cell above (your Kaggle
+folder or output folder lives there), and makes `bloodcell_lib` importable: in a local clone it is found
+next to this notebook; in Colab, first clone the repository into `/content/bloodcell` (or copy it to
+`MyDrive/bloodcell`)."""
 
 SETUP_CODE = """import importlib.util
 import subprocess
@@ -37,7 +38,6 @@ import sys
 from pathlib import Path
 
 IN_COLAB = "google.colab" in sys.modules
-MOUNT_DRIVE = False
 
 if IN_COLAB and MOUNT_DRIVE:
     from google.colab import drive
@@ -77,8 +77,6 @@ template, runs the same steps on the same split, and writes its results to the o
 Detection" are inflated by augmented copies of the same cells and by a background-colour shortcut; this
 notebook keeps copies on one side of the split, reports 95% intervals, and the comparison shows the
 shortcut baseline beside the networks."""),
-        md(SETUP_PROSE),
-        code(SETUP_CODE),
         md("""## Parameters
 
 `PROFILE` picks a preset: `paper` (your Kaggle folder, ImageNet weights, native input size, up to 20
@@ -87,14 +85,17 @@ or `smoke` (tiny, for CI); `auto` means `paper` when `DATA_DIR` is given and `de
 keeps the profile's value. A value you set always wins: the environment variables `BLOODCELL_PROFILE` and
 `BLOODCELL_OUTPUT` only fill in an `auto` profile and output folder. The summary below names every value
 that was chosen for you, and why."""),
-        parameters_cell("""DATA_DIR = None  # the Kaggle folder (or one/two levels above it); None → synthetic demo set
+        parameters_cell("""MOUNT_DRIVE = False  # True: mount Google Drive in Colab (a DATA_DIR or OUTPUT_DIR on Drive)
+DATA_DIR = None  # the Kaggle folder (or one/two levels above it); None → synthetic demo set
 PROFILE = "auto"  # auto | paper | demo | smoke
 EPOCHS = None  # total over both training phases
 IMAGE_SIZE = None  # "native" or pixels
 BATCH_SIZE = None
 WEIGHTS = None  # "imagenet", "none" or a path to a weights file
-OUTPUT_DIR = "auto"  # a folder (e.g. on Drive); auto → $BLOODCELL_OUTPUT, else ../Saved Models
+OUTPUT_DIR = "auto"  # a folder (e.g. on Drive); auto → $BLOODCELL_OUTPUT, else the repository's Saved Models
 SEED = 42"""),
+        md(SETUP_PROSE),
+        code(SETUP_CODE),
         code(f"""from bloodcell_lib import study
 
 cfg = study.configure(
@@ -135,9 +136,14 @@ print(split_summary(split))"""),
         code("study.show_augmentation(cfg, split)"),
         md("""## Training
 
-Phase 1 trains the new head on a frozen base (BatchNorm in inference mode); phase 2 unfreezes the top
-layers (BatchNorm stays frozen) at a lower learning rate. Early stopping restores the best weights. A
-disconnected run resumes from its last finished epoch when this cell is run again."""),
+The recipe follows the weights. Pretrained weights are fine-tuned in two phases: phase 1 trains the new head
+on a frozen base (BatchNorm in inference mode); phase 2 unfreezes the top layers (BatchNorm stays frozen) at a
+lower learning rate. Without pretrained weights there is nothing to preserve: every layer, BatchNorm in training
+mode, trains from the first epoch in one phase. Early stopping restores the best weights. A disconnected run
+resumes from its last finished epoch when this cell is run again.
+
+The network block by block, and how many of its parameters each phase of this run's recipe trains:"""),
+        code("study.model_summary(cfg)"),
         code("result = study.train(cfg, split)"),
         code("study.show_curves(result)"),
         md("""## Evaluation
@@ -159,6 +165,10 @@ better than chance); *deletion AUC* is the class probability as the most salient
 (should be low)."""),
         code('study.show_figure(results, "gradcam")'),
         code("study.explainability_table(results)"),
+        md("""Any single image: its three most probable classes, and Grad-CAM beside Grad-CAM++ for the predicted
+class. `IMAGE` is a position in the test subset or the path of any image file."""),
+        code("""IMAGE = 0
+study.explain_image(cfg, result, split, IMAGE)"""),
         md("""## Saving
 
 The model (`.keras`, loadable with `keras.models.load_model(path, safe_mode=True)`), its training history
@@ -179,10 +189,13 @@ networks on the same test images: metrics with 95% intervals, myeloblast recall,
 explanation quality and cost. Models that have not been run yet are listed, not fatal.
 
 *Research software, not a medical device.*"""),
+        md("## Parameters"),
+        parameters_cell("""MOUNT_DRIVE = False  # True: mount Google Drive in Colab (for an OUTPUT_DIR on Drive)
+# the folder the model notebooks wrote to; auto → $BLOODCELL_OUTPUT, else the repository's Saved Models
+OUTPUT_DIR = "auto"
+"""),
         md(SETUP_PROSE),
         code(SETUP_CODE),
-        md("## Parameters"),
-        parameters_cell("""OUTPUT_DIR = "auto"  # the folder the model notebooks wrote to; auto → $BLOODCELL_OUTPUT, else ../Saved Models"""),
         md("""## The table
 
 The colour-only shortcut baseline (logistic regression on background colour) is trained on the same
@@ -206,6 +219,26 @@ whole cells (all copies of a cell together, the same draw for both models), and 
 the two models' predictions cell by cell, Holm-adjusted over all rows. A difference is real only when its
 paired interval excludes 0; two overlapping intervals in the table above do not mean "no difference"."""),
         code("study.show_paired_tests(comparison)"),
+        md("""## Does each network read the cell? The background shortcut, tested directly
+
+Every test image is shown twice more: with the cell masked out (filled with the image's median background
+colour) and with the background masked out (neutral glass). A network that reads the cell drops to chance
+without it; one whose background-only accuracy stays far above chance (the lower end of its interval more than
+0.1 above chance) predicts from the slide around the cell and is marked YES; the conclusion names it."""),
+        code("study.show_shortcut_test(comparison)"),
+        md("""## Can the confidence be trusted? Calibration
+
+ECE is the average gap between how sure a network says it is and how often it is right (0 = perfect).
+Temperature scaling divides its logits by one number T fitted on the validation images (T > 1: it was
+over-confident); the predictions stay the same, so read the T-scaled ECE as the confidence you can trust after
+that one-number fix, and the interval of the change to see whether the fix helped on the test cells."""),
+        code("study.show_calibration(comparison)"),
+        md("""## Test-time augmentation
+
+Each test image predicted in its 8 rotations and mirror images, the probabilities averaged (a cell has no up
+or down). The difference is TTA minus the single pass on the same cells, with a paired interval: when it
+includes 0, averaging over orientations does not change the score on this test set."""),
+        code("study.show_tta(comparison)"),
         md("## Grad-CAM on the same test images, side by side"),
         code("study.show_gradcam_side_by_side(OUTPUT_DIR)"),
         md("""## Shortcut and leakage

@@ -13,7 +13,7 @@ from sklearn.metrics import f1_score
 from bloodcell_lib.atomic import write_json
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.cli import main
-from bloodcell_lib.compare import BASELINE_RUN, ENSEMBLE_RUN, NO_GROUPS, compare_results, markdown_table
+from bloodcell_lib.compare import BASELINE_RUN, ENSEMBLE_RUN, NO_GROUPS, compare_results, display_table, markdown_table
 from bloodcell_lib.config import profile_config
 from bloodcell_lib.results import PROB_COLUMNS
 from bloodcell_lib.metrics import compute_metrics, holm_adjust, mcnemar_p, paired_comparison
@@ -473,3 +473,91 @@ def test_compare_command_trains_the_missing_baseline_on_the_studys_split_and_wri
     printed = capsys.readouterr().out
     assert str(out / "comparison.html") in printed
     assert pd.read_csv(out / "comparison.csv")["run"].tolist() == [RUN_NAME]
+
+
+# --- Calibration, TTA and the background shortcut test beside the ranking -------------------------------------
+
+
+def _shortcut_block(background, low, chance=0.2):
+    def entry(acc, ci):
+        return {"accuracy": acc, "accuracy_ci": ci, "macro_f1": acc, "macro_f1_ci": ci}
+
+    return {"original": entry(0.9, [0.85, 0.95]), "background_only": entry(background, [low, background + 0.05]),
+            "cell_only": entry(0.7, [0.6, 0.8]), "chance": chance, "margin": 0.1, "flagged": low > chance + 0.1}
+
+
+def _calibration_block(t, before, after):
+    def scores(ece):
+        return {"ece": ece, "classwise_ece": ece / 2, "brier": 0.3, "log_loss": 0.5, "accuracy": 0.9}
+
+    return {"temperature": t, "temperature_at_bound": False, "before": scores(before), "after": scores(after),
+            "change": {"ece": {"delta": after - before, "ci": [after - before - 0.01, after - before + 0.01],
+                               "p_value": 0.01}}}
+
+
+def _tta_block(value, delta):
+    return {"enabled": True, "views": 8, "macro_f1": value, "macro_f1_ci": [value - 0.05, value + 0.05],
+            "accuracy": value, "accuracy_ci": [value - 0.05, value + 0.05], "macro_f1_delta": delta,
+            "macro_f1_delta_ci": [delta - 0.02, delta + 0.02], "macro_f1_delta_p": 0.2}
+
+
+@pytest.fixture()
+def robustness_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(5), 20)
+    good = np.where(rng.random(100) < 0.9, y, (y + 1) % 5)
+    poor = np.where(rng.random(100) < 0.6, y, (y + 2) % 5)
+    _write_run(tmp_path, "vgg16", "vgg16", y, good, shortcut_test=_shortcut_block(0.24, 0.18),
+               calibration=_calibration_block(1.5, 0.12, 0.03), tta=_tta_block(0.91, 0.01))
+    _write_run(tmp_path, "resnet50", "resnet50", y, poor, shortcut_test=_shortcut_block(0.7, 0.62),
+               calibration=_calibration_block(0.8, 0.05, 0.04), tta={"enabled": False, "why": "off"})
+    _write_run(tmp_path, BASELINE_RUN, BASELINE_RUN, y, np.full(100, 3))
+    return tmp_path
+
+
+def test_a_network_that_reads_the_background_is_flagged_in_the_table_and_the_conclusion(robustness_dir):
+    comparison = compare_results(robustness_dir, expected=["vgg16", "resnet50"])
+    t = comparison.table.set_index("run")
+    assert t.loc["resnet50", "reads_background"] == True and t.loc["vgg16", "reads_background"] == False  # noqa: E712
+    assert pd.isna(t.loc[BASELINE_RUN, "reads_background"]) and pd.isna(t.loc[ENSEMBLE_RUN, "reads_background"])
+    assert t.loc["resnet50", "background_only_accuracy"] == 0.7 and t.loc["resnet50", "cell_only_accuracy"] == 0.7
+    text = comparison.conclusion()
+    assert "Far above chance with the cell masked out" in text and "RESNET50 0.700 [0.620, 0.750]" in text
+    assert "VGG16 0.240" not in text
+    shown = comparison.to_markdown()
+    assert "The background shortcut, tested directly" in shown and "| YES |" in shown
+
+
+def test_no_flag_says_so(robustness_dir):
+    _write_run(robustness_dir, "resnet50", "resnet50", np.repeat(np.arange(5), 20), np.repeat(np.arange(5), 20),
+               shortcut_test=_shortcut_block(0.25, 0.2))
+    text = compare_results(robustness_dir, expected=["vgg16", "resnet50"]).conclusion()
+    assert "No network scores far above chance with the cell masked out" in text
+
+
+def test_calibrated_and_uncalibrated_ece_and_tta_are_columns(robustness_dir):
+    from bloodcell_lib.compare import display_calibration, display_shortcut, display_tta
+
+    comparison = compare_results(robustness_dir, expected=["vgg16", "resnet50"])
+    t = comparison.table.set_index("run")
+    assert t.loc["vgg16", "temperature"] == 1.5 and t.loc["vgg16", "ece_calibrated"] == 0.03
+    assert t.loc["vgg16", "classwise_ece"] == 0.06 and t.loc["vgg16", "ece_change_ci"] == pytest.approx([-0.1, -0.08])
+    assert t.loc["vgg16", "tta_macro_f1"] == 0.91 and pd.isna(t.loc["resnet50", "tta_macro_f1"])
+    calibration = display_calibration(comparison.table)
+    assert list(calibration["model"]) == ["VGG16", "RESNET50"]
+    assert calibration.loc[0, "ECE T-scaled"] == "0.030" and calibration.loc[0, "Δ ECE [95% CI]"].startswith("-0.090")
+    assert list(display_tta(comparison.table)["model"]) == ["VGG16"]  # TTA off for ResNet50
+    assert list(display_shortcut(comparison.table)["reads background"]) == ["no", "YES"]
+    text = comparison.conclusion()
+    assert "Temperature scaling (T = 1.50" in text and "Test-time augmentation" in text
+    header = comparison.to_markdown()
+    for column in ("ece T-scaled", "TTA macro_f1", "background-only acc", "reads background"):
+        assert column in header
+
+
+def test_fields_that_do_not_apply_to_the_baseline_show_a_dash_not_nan(results_dir):
+    folder, *_ = results_dir
+    shown = display_table(compare_results(folder, expected=[]).table)
+    baseline = shown[shown["model"].str.contains("baseline|Colour", case=False)].iloc[0]
+    assert baseline["weights"] == "—" and baseline["size"] != "nan"
+    assert "nan" not in markdown_table(shown).lower()

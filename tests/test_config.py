@@ -1,12 +1,18 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
+import bloodcell_lib
+
+from bloodcell_lib import config
 from bloodcell_lib.config import (MAX_SIZE_FACTOR, PROFILES, SYNTHETIC_FOLDER, RunConfig, check_image_size,
                                   output_dir_override, resolve)
 from bloodcell_lib.errors import ConfigError
 from bloodcell_lib.registry import get_arch
 from bloodcell_lib.study import configure, describe
+
+REPO = Path(bloodcell_lib.__file__).resolve().parents[1]
 
 
 def test_phase_epochs_sum_to_budget():
@@ -121,7 +127,7 @@ def test_unreachable_imagenet_weights_fall_back_loudly_in_the_demo_only():
 
 
 def test_output_folder_of_the_notebooks_explicit_wins_auto_follows_the_environment(monkeypatch):
-    assert output_dir_override("auto") == "../Saved Models"
+    assert output_dir_override("auto") == str(REPO / "Saved Models")
     assert output_dir_override("elsewhere") == "elsewhere"
     monkeypatch.setenv("BLOODCELL_OUTPUT", "/tmp/elsewhere")
     assert output_dir_override("auto") == output_dir_override(None) == "/tmp/elsewhere"
@@ -135,3 +141,72 @@ def test_a_recorded_configuration_comes_back_with_overrides_and_notes():
     assert cfg.why("profile") == "given explicitly"
     with pytest.raises(ConfigError):
         RunConfig.from_dict(recorded, no_such_parameter=1)
+
+
+def test_auto_output_is_the_repositorys_saved_models_wherever_the_kernel_starts(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # Colab starts the kernel in /content: "../Saved Models" would be /Saved Models
+    cfg = resolve("smoke", spec=get_arch("vgg16"), default_output="auto")
+    assert cfg.output_dir == str(REPO / "Saved Models") and cfg.output_path.is_absolute()
+    assert cfg.source("output_dir") == "resolve (see NOTE)" and "the repository's" in cfg.why("output_dir")
+    assert output_dir_override("auto") == output_dir_override(None) == str(REPO / "Saved Models")
+    # Installed from a wheel (no checkout around the package): the current folder's Saved Models.
+    monkeypatch.setattr(config, "__file__", str(tmp_path / "site-packages" / "bloodcell_lib" / "config.py"))
+    assert output_dir_override("auto") == str(tmp_path / "Saved Models")
+
+
+def test_every_setting_that_changes_the_result_has_a_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("BLOODCELL_OUTPUT", str(tmp_path))
+    cfg = resolve("smoke", spec=get_arch("vgg16"), batch_size=8, augment_contrast=0.2, lr_factor=0.5)
+    sources = {name: source for _, name, _, source in cfg.settings()}
+    assert sources["batch_size"] == sources["augment_contrast"] == sources["lr_factor"] == "parameter"
+    assert sources["epochs"] == "profile smoke" and sources["augment_brightness"] == sources["min_lr"] == "default"
+    assert sources["image_size"] == "profile smoke"
+    assert resolve("smoke", spec=get_arch("xception")).source("image_size") == "resolve (see NOTE)"  # 32 → 71
+    assert cfg.source("output_dir") == "environment (BLOODCELL_OUTPUT)" and cfg.source("profile") == "parameter"
+    groups = {group for group, *_ in cfg.settings()}
+    assert {"augmentation", "learning rate", "training", "model", "data", "evaluation"} == groups
+    assert set(config.SETTING_GROUPS["augmentation"]) == {"augment_brightness", "augment_contrast"}
+    assert {"lr_factor", "lr_patience", "min_lr", "scratch_learning_rate"} <= set(config.SETTING_GROUPS["learning rate"])
+    # The fields cache, run_eagerly (speed), output_dir (where) and the bookkeeping are the only ones left out.
+    listed = {name for names in config.SETTING_GROUPS.values() for name in names}
+    assert set(config._FIELDS) - listed == {"cache", "run_eagerly", "output_dir", "profile", "notes", "sources"}
+    # Recorded and read back (evaluate's evaluation_config), the sources come along.
+    assert RunConfig.from_dict(cfg.to_dict()).source("augment_contrast") == "parameter"
+
+
+def test_describe_prints_every_setting_grouped_with_its_source(tmp_path):
+    text = describe(configure("vgg16", profile="smoke", output_dir=str(tmp_path), augment_brightness=0.05))
+    assert "Recipe       : from scratch (1 phase)" in text
+    for line in ("augment_brightness    = 0.05  [parameter]", "augment_contrast      = 0.1  [default]",
+                 "lr_factor             = 0.2  [default]", "lr_patience           = None  [default]",
+                 "min_lr                = 1e-07  [default]", "scratch_learning_rate = 0.001  [default]",
+                 "epochs                = 2  [profile smoke]", "recipe                = auto → from scratch (1 phase)"):
+        assert line in text
+    assert text.index("  augmentation") < text.index("augment_brightness")
+    assert text.index("  learning rate") < text.index("lr_factor")
+
+
+def test_the_recipe_follows_the_weights_unless_given():
+    scratch = RunConfig(epochs=6, weights=None)
+    assert scratch.training_recipe == "scratch" and scratch.phase_epochs == (6, 0)
+    assert scratch.recipe_label == "from scratch (1 phase)" and scratch.phase_learning_rates[0] == 1e-3
+    tuned = RunConfig(epochs=6, weights="imagenet")
+    assert tuned.training_recipe == "fine-tune" and tuned.phase_epochs == (3, 3)
+    assert tuned.recipe_label == "fine-tune (2 phases)" and tuned.phase_learning_rates == (1e-3, 5e-5)
+    assert RunConfig(epochs=6, weights="/some/file.h5").training_recipe == "fine-tune"
+    assert RunConfig(epochs=6, weights=None, recipe="fine-tune").phase_epochs == (3, 3)
+    assert RunConfig(epochs=2, head_epochs=2).recipe_label == "fine-tune (head only, 1 phase)"
+    assert RunConfig(weights=None, scratch_learning_rate=3e-4).phase_learning_rates == (3e-4, 3e-4)
+    with pytest.raises(ConfigError, match="recipe"):
+        RunConfig(recipe="transfer")
+
+
+def test_schedule_and_augmentation_fields_keep_the_old_constants_and_check_their_values():
+    cfg = RunConfig(patience=4)
+    assert (cfg.lr_factor, cfg.reduce_lr_patience, cfg.min_lr) == (0.2, 2, 1e-7)
+    assert RunConfig(patience=1).reduce_lr_patience == 1 and RunConfig(lr_patience=5).reduce_lr_patience == 5
+    assert cfg.augment_brightness == 0.1 and cfg.contrast_range == pytest.approx((0.9, 1.1))
+    for bad in (dict(lr_factor=1.0), dict(lr_factor=0), dict(lr_patience=0), dict(augment_brightness=1.5),
+                dict(augment_contrast=1.0), dict(augment_contrast=-0.1)):
+        with pytest.raises(ConfigError):
+            RunConfig(**bad)

@@ -145,22 +145,6 @@ def test_missing_model_file_is_a_clear_error(tmp_path):
     assert run.returncode == 2 and "nope.keras" in run.stderr
 
 
-@pytest.mark.slow  # the trained VGG16
-def test_the_test_subset_gets_exactly_one_prediction_pass(trained, tmp_path):
-    from bloodcell_lib.evaluation import evaluate
-    from bloodcell_lib.model import load_trained_model
-    from bloodcell_lib.split import load_split
-
-    _, out = trained
-    model, _ = load_trained_model(out / "vgg16.keras")
-    calls = []
-    original = model.predict
-    model.predict = lambda *a, **k: calls.append(1) or original(*a, **k)
-    evaluate(model, load_split(out / "split.csv"), "test", tmp_path, gradcam_images=0, n_boot=10,
-             make_figures=False, cost_repeats=1)
-    assert len(calls) == 1
-
-
 # --- One resampling for everyone; a model is evaluated on the split it was trained on -------------------------
 # A tiny registry network (one convolution) keeps these tests to seconds: what they check is the bookkeeping
 # around the model, which is the same for every architecture.
@@ -312,3 +296,125 @@ def test_the_training_history_records_the_split_the_images_and_the_configuration
     assert saved["split_sha256"] == split_sha256(tiny_study["split_a"])
     assert saved["dataset_sha256"] == dataset_fingerprint(tiny_study["split"])
     assert saved["config"]["bootstrap"] == 100 and saved["config"]["seed"] == 42
+
+
+# --- One test pass; calibration, test-time augmentation and the shortcut test beside it -----------------------
+
+
+def test_the_test_subset_gets_exactly_one_prediction_pass(tiny_study, tmp_path, monkeypatch):
+    from bloodcell_lib import evaluation
+
+    subsets = []
+    original = evaluation.predict_subset
+    monkeypatch.setattr(evaluation, "predict_subset", lambda model, split, subset, **k: subsets.append(subset)
+                        or original(model, split, subset, **k))
+    results = evaluation.evaluate(tiny_study["result"].model, tiny_study["split"], "test", tmp_path,
+                                  gradcam_images=0, n_boot=10, make_figures=False, cost_repeats=1, tta=True)
+    # The plain test images once (the predictions CSV), the validation subset once (the temperature); TTA and
+    # the shortcut test show the model other images, in files of their own.
+    assert sorted(subsets) == ["test", "val"]
+    assert results["predictions_file"] == "tinynet_predictions.csv"
+    assert results["tta"]["predictions_file"] == "tinynet_tta_predictions.csv"
+    assert results["calibration"]["val_predictions_file"] == "tinynet_val_predictions.csv"
+
+
+@pytest.fixture(scope="module")
+def tiny_evaluated(tiny_study, tmp_path_factory):
+    from bloodcell_lib.evaluation import evaluate
+
+    out = tmp_path_factory.mktemp("tiny_evaluated")
+    results = evaluate(tiny_study["result"].model, tiny_study["split"], "test", out, gradcam_images=0, n_boot=50,
+                       seed=5, make_figures=True, cost_repeats=1, tta=True, config={"profile": "smoke"})
+    return results, out
+
+
+def test_the_temperature_is_fitted_on_the_validation_predictions_file(tiny_study, tiny_evaluated):
+    from bloodcell_lib.calibration import calibration_report
+
+    results, out = tiny_evaluated
+    val = pd.read_csv(out / "tinynet_val_predictions.csv")
+    test = pd.read_csv(out / "tinynet_predictions.csv")
+    split = tiny_study["split"]
+    assert sorted(val.path) == sorted(split.loc[split.subset == "val", "path"])
+    block = results["calibration"]
+    again = calibration_report(val.true_label, val[PROB_COLUMNS].to_numpy(), test.true_label,
+                               test[PROB_COLUMNS].to_numpy(), groups=test.group.to_numpy(), n_boot=50, seed=5)
+    assert block["temperature"] == pytest.approx(again["temperature"]) and block["temperature"] > 0
+    for key in ("ece", "classwise_ece", "brier", "log_loss"):
+        assert block["before"][key] == pytest.approx(again["before"][key])
+        assert block["after"][key] == pytest.approx(again["after"][key])
+    assert block["before"]["ece"] == pytest.approx(results["metrics"]["ece"])  # the test pass, uncalibrated
+    assert (out / "tinynet_reliability.png").stat().st_size > 1000
+    assert str(out / "tinynet_reliability.png") in results["figures"]
+
+
+def test_tta_is_scored_from_its_own_file_beside_the_plain_pass(tiny_evaluated):
+    from bloodcell_lib.metrics import paired_comparison
+
+    results, out = tiny_evaluated
+    plain = pd.read_csv(out / "tinynet_predictions.csv")
+    tta = pd.read_csv(out / "tinynet_tta_predictions.csv")
+    assert list(tta.path) == list(plain.path) and list(tta.group) == list(plain.group)
+    block = results["tta"]
+    assert block["enabled"] is True and block["views"] == 8 and block["why"] == "given explicitly"
+    assert block["macro_f1"] == pytest.approx(f1_score(tta.true_label, tta.pred_label, average="macro"))
+    assert block["accuracy"] == pytest.approx(accuracy_score(tta.true_label, tta.pred_label))
+    assert block["accuracy_plain"] == pytest.approx(results["metrics"]["accuracy"])
+    paired = paired_comparison(tta.true_label, tta[PROB_COLUMNS].to_numpy(), plain[PROB_COLUMNS].to_numpy(),
+                               groups=plain.group.to_numpy(), metric="macro_f1", n_boot=50, seed=5)
+    assert block["macro_f1_delta"] == pytest.approx(paired["delta"])
+    assert block["macro_f1_delta_ci"] == pytest.approx(paired["ci"], nan_ok=True)
+    assert len(block["macro_f1_ci"]) == 2
+
+
+def test_the_shortcut_test_is_recorded_with_the_test_pass_as_original(tiny_evaluated):
+    results, _ = tiny_evaluated
+    block = results["shortcut_test"]
+    assert block["original"]["accuracy"] == pytest.approx(results["metrics"]["accuracy"])
+    assert block["original"]["accuracy_ci"] == pytest.approx(results["metrics"]["accuracy_ci"], nan_ok=True)
+    for variant in ("background_only", "cell_only"):
+        assert 0.0 <= block[variant]["accuracy"] <= 1.0 and len(block[variant]["accuracy_ci"]) == 2
+    assert block["mask_source"] == "synthetic manifest ellipses" and block["empty_masks"] == 0
+    assert 0.0 < block["cell_share_mean"] < 0.6 and block["chance"] >= 0.2
+    assert isinstance(block["flagged"], bool)
+
+
+def test_tta_follows_the_profile_unless_told():
+    from bloodcell_lib.evaluation import TTA_BY_PROFILE, tta_setting
+
+    assert TTA_BY_PROFILE == {"paper": True, "demo": False, "smoke": False}
+    assert tta_setting(None, "paper")[0] is True and tta_setting(None, "smoke")[0] is False
+    assert "smoke profile" in tta_setting(None, "smoke")[1]
+    assert tta_setting(False, "paper") == (False, "given explicitly")
+    assert tta_setting(None, None)[0] is True  # no profile recorded: the default one, paper
+
+
+def test_tta_averages_the_eight_orientations():
+    from bloodcell_lib.evaluation import dihedral_views, tta_proba
+
+    image = np.random.default_rng(0).integers(0, 255, (1, 6, 6, 3), dtype=np.uint8)
+    views = list(dihedral_views(image))
+    assert len(views) == 8 and np.array_equal(views[0], image)
+    assert len({v.tobytes() for v in views}) == 8  # eight different orientations of an asymmetric image
+    def corner(x):  # reads one corner pixel: its view of the image depends on the orientation
+        return np.stack([x[:, 0, 0, 0] / 255.0, 1 - x[:, 0, 0, 0] / 255.0, *np.zeros((3, len(x)))], 1)
+
+    expected = np.mean([corner(v) for v in views], axis=0)
+    assert np.allclose(tta_proba(corner, image), expected)
+    def blind(x):  # the mean of all pixels: the same in every orientation
+        return np.tile(x.reshape(len(x), -1).mean(axis=1, keepdims=True), (1, 5)) / 255.0
+
+    assert np.allclose(tta_proba(blind, image), blind(image))  # orientation-blind: TTA changes nothing
+
+
+def test_a_failure_after_the_test_pass_leaves_no_file_behind(tiny_study, tmp_path, monkeypatch):
+    from bloodcell_lib import evaluation
+
+    def broken(*_, **__):
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(evaluation, "shortcut_test", broken)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        evaluation.evaluate(tiny_study["result"].model, tiny_study["split"], "test", tmp_path, gradcam_images=0,
+                            n_boot=10, make_figures=False, cost_repeats=1, tta=True)
+    assert list(tmp_path.iterdir()) == []

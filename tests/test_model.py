@@ -2,7 +2,9 @@
 clear errors."""
 
 import hashlib
+import json
 import time
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -177,3 +179,27 @@ def test_a_crash_while_saving_leaves_the_previous_model_intact(tmp_path, monkeyp
         save_model(model, path)
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["vgg16.keras"]
+
+
+@pytest.mark.slow  # VGG16, one training step
+def test_a_saved_model_holds_no_optimizer_state_and_loads_for_prediction(tmp_path):
+    model = build_model("vgg16", image_size=32, weights=None)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    x = np.random.default_rng(0).uniform(-100, 100, (4, 32, 32, 3)).astype(np.float32)
+    model.fit(x, np.arange(4), epochs=1, verbose=0)  # Adam's slots now exist: two per weight
+    model.save(tmp_path / "with_optimizer.keras")  # what save_model wrote before
+    path = save_model(model, tmp_path / "vgg16.keras")
+    with zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read("config.json"))
+        archive.extract("model.weights.h5", tmp_path / "unzipped")
+    with h5py.File(tmp_path / "unzipped" / "model.weights.h5") as weights:
+        assert "optimizer" not in weights
+    assert not config.get("compile_config")  # nothing rebuilds an optimizer on load
+    before, after = (tmp_path / "with_optimizer.keras").stat().st_size, path.stat().st_size
+    print(f"VGG16 at 32 px: .keras with optimizer {before / 1e6:.1f} MB, without {after / 1e6:.1f} MB")
+    assert after < 0.4 * before  # weights, not weights + Adam's m and v
+    loaded, spec = load_trained_model(path)
+    np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert spec.key == "vgg16" and loaded.name == "vgg16" and not loaded.compiled
+    model.fit(x, np.arange(4), epochs=1, verbose=0)  # the trained model itself keeps its optimizer
+    assert int(model.optimizer.iterations.numpy()) == 2

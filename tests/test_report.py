@@ -258,3 +258,29 @@ def test_the_template_ships_as_package_data():
     shipped = {path for package, globs in setuptools["package-data"].items() if package in setuptools["packages"]
                for g in globs for path in (root / package.replace(".", "/")).glob(g)}
     assert root / "bloodcell_lib" / "templates" / TEMPLATE in shipped
+
+
+def test_the_shortcut_test_calibration_and_tta_are_shown_with_how_to_read_them(results_dir):
+    from bloodcell_lib.compare import READ_CALIBRATION, READ_SHORTCUT, READ_TTA
+
+    y = np.repeat(np.arange(5), 20)
+    entry = lambda acc, ci: {"accuracy": acc, "accuracy_ci": ci, "macro_f1": acc, "macro_f1_ci": ci}  # noqa: E731
+    scores = {"ece": 0.1, "classwise_ece": 0.05, "brier": 0.3, "log_loss": 0.5, "accuracy": 0.9}
+    _write_run(results_dir, "xception", "xception", y, y, display_name="Xception",
+               shortcut_test={"original": entry(1.0, [1.0, 1.0]), "background_only": entry(0.8, [0.7, 0.9]),
+                              "cell_only": entry(0.4, [0.3, 0.5]), "chance": 0.2, "margin": 0.1},
+               calibration={"temperature": 1.7, "before": scores, "after": {**scores, "ece": 0.02},
+                            "change": {"ece": {"delta": -0.08, "ci": [-0.1, -0.05]}}},
+               tta={"enabled": True, "macro_f1": 0.97, "macro_f1_ci": [0.9, 1.0], "accuracy": 0.97,
+                    "accuracy_ci": [0.9, 1.0], "macro_f1_delta": -0.03, "macro_f1_delta_ci": [-0.06, 0.0],
+                    "macro_f1_delta_p": 0.2})
+    (results_dir / "xception_reliability.png").write_bytes(_png((30, 200, 30)))
+    page = _parse(write_comparison_report(results_dir, compare_results(results_dir, expected=[])))
+    for note in (READ_SHORTCUT, READ_CALIBRATION, READ_TTA):
+        assert re.sub(r"\s+", " ", note) in page.plain
+    rows = _table_rows((results_dir / REPORT_FILE).read_text(encoding="utf-8"))
+    assert ["Xception", "1.000 [1.000, 1.000]", "0.800 [0.700, 0.900]", "0.400 [0.300, 0.500]", "0.200",
+            "YES"] in rows
+    assert any(row[:2] == ["Xception", "1.70"] and row[3:5] == ["0.020", "-0.080 [-0.100, -0.050]"] for row in rows)
+    assert "Far above chance with the cell masked out" in page.plain
+    assert "reliability before and after temperature scaling" in page.plain

@@ -32,7 +32,7 @@ class _Interrupt(keras.callbacks.Callback):
 def test_a_run_interrupted_between_phases_skips_the_finished_phase(tmp_path):
     spec = ARCHITECTURES["vgg16"]
     data = tiny_data(spec)
-    cfg = RunConfig(arch=spec.key, epochs=2, image_size=32, weights=None, run_eagerly=True)
+    cfg = RunConfig(arch=spec.key, epochs=2, image_size=32, weights=None, recipe="fine-tune", run_eagerly=True)
     first = build_model(spec.key, image_size=32, weights=None)
     with pytest.raises(TrainingInterrupted, match="interrupted after epoch 1; run the same command again"):
         fine_tune(first, data, data, cfg, resume_dir=tmp_path, verbose=0, callbacks=[_Interrupt(epoch=2)])
@@ -53,7 +53,7 @@ def test_resume_state_of_other_settings_is_not_used_and_is_kept_aside(tmp_path, 
     spec = ARCHITECTURES["vgg16"]
     data = tiny_data(spec)
     resume = tmp_path / "resume"
-    cfg = RunConfig(arch=spec.key, epochs=2, image_size=32, weights=None, run_eagerly=True)
+    cfg = RunConfig(arch=spec.key, epochs=2, image_size=32, weights=None, recipe="fine-tune", run_eagerly=True)
     with pytest.raises(TrainingInterrupted, match="interrupted after epoch 1; run the same command again"):
         fine_tune(build_model(spec.key, image_size=32, weights=None), data, None, cfg, resume_dir=resume,
                   verbose=0, callbacks=[_Interrupt(epoch=2)])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import run_all  # noqa: E402
+from bloodcell_lib.progress import RunClock  # noqa: E402
+
+# What must not reach the console: TensorFlow's C++ and absl lines, Jupyter's transport warning.
+NOISE = re.compile(r"I0000|E0000|W0000|absl|oneDNN|cuda|cuInit|without encryption|IPKernelApp")
 
 
 def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -82,6 +88,19 @@ def test_smoke_run_of_one_model_writes_everything(tmp_path):
     images = [o for c in executed["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 6  # examples, preprocessing, augmentation, curves, confusion, ROC, Grad-CAM
     assert "[1/2] VGG16.ipynb ok" in run.stdout and "[2/2] Comparison.ipynb ok" in run.stdout
+    # Our lines only: TensorFlow's C++ start-up lines and Jupyter's warnings go to the kernels' logs.
+    console = run.stdout + run.stderr
+    assert [line for line in console.splitlines() if NOISE.search(line)] == []
+    assert "oneDNN" in (out / "logs" / "VGG16.log").read_text()
+    # Progress while the notebook runs: its steps and every epoch, with the time.
+    assert re.search(r"\[VGG16\] training phase 1, epoch 1/\d+: val_accuracy [\d.]+.* — elapsed \d+:\d\d", run.stdout)
+    assert "[VGG16] data check — elapsed" in run.stdout and "[VGG16] evaluation" in run.stdout
+    assert "[Comparison] comparison" in run.stdout
+    # Nor in the executed notebooks: no C++ lines, no per-step progress bar.
+    for name in ("VGG16.ipynb", "Comparison.ipynb"):
+        notebook = json.loads((out / "executed_notebooks" / name).read_text())
+        texts = ["".join(o.get("text", "")) for c in notebook["cells"] for o in c.get("outputs", [])]
+        assert [t for t in texts if NOISE.search(t) or "\x1b[" in t] == [], name
 
 
 def test_the_output_folder_is_the_option_else_the_environment(tmp_path, monkeypatch):
@@ -90,3 +109,25 @@ def test_the_output_folder_is_the_option_else_the_environment(tmp_path, monkeypa
     assert output == (tmp_path / "env").resolve() and "BLOODCELL_OUTPUT" in cfg.why("output_dir")
     cfg, output = run_all.check_arguments(run_all.parse_args(["--profile", "smoke", "--output", str(tmp_path / "mine")]))
     assert output == (tmp_path / "mine").resolve() and cfg.profile == "smoke"
+
+
+def test_the_progress_printer_prints_a_line_per_event_of_the_running_notebook(tmp_path):
+    path = tmp_path / "progress.jsonl"
+    path.write_text('{"event": "step", "step": "from an earlier run"}\n')
+    out = io.StringIO()
+    printer = run_all.ProgressPrinter(path, RunClock({"VGG16": 2}), out=out, interval=0.05)
+    with printer, printer.running("VGG16"):
+        with open(path, "a") as f:
+            f.write('{"event": "step", "step": "data check"}\n')
+            f.write('{"event": "epoch", "phase": 1, "epoch": 1, "epochs": 2, "seconds": 3, "val_accuracy": 0.5}\n')
+            f.write('{"event": "step", "step": "eval')  # half-written: waits for its end
+            f.flush()
+            printer.poll()
+            assert "evaluation" not in out.getvalue()
+            f.write('uation"}\n')
+    lines = out.getvalue().splitlines()
+    assert [line.split(" — ")[0] for line in lines] == [
+        "  [VGG16] data check", "  [VGG16] training phase 1, epoch 1/2: val_accuracy 0.500 (3 s/epoch)",
+        "  [VGG16] evaluation"]
+    assert "about" in lines[1] and "earlier run" not in out.getvalue()
+    assert printer.clock.finished == {"VGG16"}

@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 from matplotlib.figure import Figure
 
@@ -48,3 +50,10 @@ def test_a_dataset_folder_given_is_never_replaced_by_the_stand_in(tmp_path):
     cfg = study.configure("vgg16", data_dir=str(tmp_path / "typo"), output_dir=str(tmp_path), weights="none")
     assert cfg.profile == "paper" and cfg.data_dir == str(tmp_path / "typo")
     assert not (tmp_path / "synthetic_data").exists()
+
+
+def test_the_missing_table_says_none_when_nothing_is_missing():
+    complete = SimpleNamespace(missing=[], problems=[])
+    assert study.missing_table(complete)["missing or partial"].tolist() == ["none"]
+    partial = SimpleNamespace(missing=["resnet50 (no results file)"], problems=[])
+    assert study.missing_table(partial)["missing or partial"].tolist() == ["resnet50 (no results file)"]

@@ -27,8 +27,9 @@ from _fine_tune_probes import PhaseProbe, layer_weights, same, tiny_data
 CHILD = Path(__file__).with_name("_train_child.py")
 
 
-RESUME_RUN = dict(arch="vgg16", epochs=3, image_size=32, batch_size=16, weights=None, run_eagerly=True, patience=10,
-                  class_weights=True)
+# recipe "fine-tune": the two phases without downloading ImageNet weights (weights None alone trains from scratch)
+RESUME_RUN = dict(arch="vgg16", epochs=3, image_size=32, batch_size=16, weights=None, recipe="fine-tune",
+                  run_eagerly=True, patience=10, class_weights=True)
 
 
 def test_class_weights_are_balanced():
@@ -75,7 +76,8 @@ def trained(request, children):
     model = build_model(spec.key, image_size=spec.min_size, weights=None)
     before = layer_weights(model)
     probe = PhaseProbe()
-    cfg = RunConfig(arch=spec.key, epochs=2, image_size=spec.min_size, weights=None, run_eagerly=True)
+    cfg = RunConfig(arch=spec.key, epochs=2, image_size=spec.min_size, weights=None, recipe="fine-tune",
+                    run_eagerly=True)
     started = time.monotonic()
     history = fine_tune(model, tiny_data(spec), None, cfg, verbose=0, callbacks=[probe])
     return spec, model, before, probe, history, time.monotonic() - started
@@ -127,7 +129,8 @@ def test_early_stopping_keeps_phase_one_when_fine_tuning_only_hurts():
     data = tiny_data(spec, n=8)
     probe = PhaseProbe()
     # A learning rate of 10 wrecks the unfrozen layers in one step: validation loss can only get worse.
-    cfg = RunConfig(arch=spec.key, epochs=2, image_size=32, weights=None, run_eagerly=True, finetune_lr=10.0)
+    cfg = RunConfig(arch=spec.key, epochs=2, image_size=32, weights=None, recipe="fine-tune", run_eagerly=True,
+                    finetune_lr=10.0)
     history = fine_tune(model, data, data, cfg, verbose=0, callbacks=[probe])
     assert history["val_loss"][1] > history["val_loss"][0]
     assert history["meta"]["best_epoch"] == 1
@@ -140,7 +143,7 @@ def test_epochs_that_phase_one_leaves_unused_go_to_phase_two():
     data = tiny_data(spec)
     # head_lr=0 keeps the validation loss exactly constant, so EarlyStopping (patience 1) ends phase 1 after epoch 2.
     cfg = RunConfig(arch=spec.key, epochs=4, head_epochs=3, head_lr=0.0, patience=1, image_size=32, weights=None,
-                    run_eagerly=True)
+                    recipe="fine-tune", run_eagerly=True)
     history = fine_tune(build_model(spec.key, image_size=32, weights=None), data, data, cfg, verbose=0)
     assert history["epoch"] == [1, 2, 3, 4] and history["phase"] == [1, 1, 2, 2]
 
@@ -148,7 +151,8 @@ def test_epochs_that_phase_one_leaves_unused_go_to_phase_two():
 @pytest.mark.slow
 def test_phase_two_can_be_switched_off():
     spec = ARCHITECTURES["vgg16"]
-    cfg = RunConfig(arch=spec.key, epochs=2, head_epochs=2, image_size=32, weights=None, run_eagerly=True)
+    cfg = RunConfig(arch=spec.key, epochs=2, head_epochs=2, image_size=32, weights=None, recipe="fine-tune",
+                    run_eagerly=True)
     history = fine_tune(build_model(spec.key, image_size=32, weights=None), tiny_data(spec), None, cfg, verbose=0)
     assert history["phase"] == [1, 1] and history["meta"]["epochs"] == {"phase1": 2, "phase2": 0, "total": 2}
 

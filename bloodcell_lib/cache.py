@@ -1,0 +1,221 @@
+"""The study's image cache: every image decoded once per study, at reduced scale, kept as uint8 on disk.
+
+The data check decodes each file once (a JPEG at the smallest DCT scale still ≥ the side the study needs) and
+stores, per SHA-256 of the file's bytes, the image resized to side×side uint8, its full-resolution size and its
+duplicate fingerprint. Every model's pipeline, the evaluation and Grad-CAM then read rows of memory-mapped
+arrays and only resize them to their own input size; a later check reads the fingerprints instead of decoding.
+A file whose bytes change gets a new key, so only changed files are decoded again.
+
+Layout: OUTPUT/.image_cache/<side>px/index.json ({sha: [shard, row, height, width]}) and per shard
+`<shard>.npy` (N×side×side×3 uint8, memory-mapped) and `<shard>.prints.npz` (the fingerprints). Shards are
+written whole and atomically, then the index; a run killed mid-fill loses at most its unwritten shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+
+from bloodcell_lib import dedupe, images
+from bloodcell_lib.atomic import atomic_path, write_json
+from bloodcell_lib.registry import ARCHITECTURES
+
+# The cache's folder inside a study's output folder.
+CACHE_FOLDER = ".image_cache"
+# Entries written per shard: 512 × 300² × 3 bytes = 138 MB held in memory before it goes to disk.
+SHARD_ROWS = 512
+# The duplicate fingerprint wants twice its working side (dataset.py reads at the same scale).
+FINGERPRINT_MIN_SIDE = 2 * dedupe.WORK_SIDE
+# Decoding threads: Pillow and OpenCV release the GIL, so two keep both cores of a small machine busy.
+WORKERS = 2
+_VERSION = 1
+
+logger = logging.getLogger(__name__)
+
+
+def study_side(image_size: int | str | None = "native") -> int:
+    """The largest input side any registry network takes under one image-size setting: the side to cache at.
+
+    "native" → the largest native size (300, EfficientNetB3); a number → it, raised to the largest minimum.
+    """
+    specs = ARCHITECTURES.values()
+    if image_size is None or image_size == "native":
+        return max(s.native_size for s in specs)
+    return max(int(image_size), *(s.min_size for s in specs))
+
+
+def fit_square(rgb: np.ndarray, side: int) -> np.ndarray:
+    """Resize an RGB uint8 image to side×side (area averaging when shrinking, bilinear when enlarging)."""
+    if rgb.shape[0] == side and rgb.shape[1] == side:
+        return np.ascontiguousarray(rgb)
+    shrink = rgb.shape[0] >= side and rgb.shape[1] >= side
+    return cv2.resize(np.ascontiguousarray(rgb), (side, side),
+                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+class StudyCache:
+    """uint8 images of one study at one side, keyed by the SHA-256 of each file's bytes (see the module docstring)."""
+
+    def __init__(self, folder: str | Path, side: int):
+        self.root = Path(folder).expanduser()
+        self.side = int(side)
+        self.folder = self.root / f"{self.side}px"
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[str, int, int, int]] = self._read_index()
+        self._maps: dict[str, np.ndarray] = {}
+        self._prints: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    @classmethod
+    def in_output(cls, output_dir: str | Path, image_size: int | str | None = "native") -> StudyCache:
+        """The cache of a study's output folder, at the side its image-size setting needs (study_side)."""
+        return cls(Path(output_dir) / CACHE_FOLDER, study_side(image_size))
+
+    @classmethod
+    def find(cls, root: str | Path, min_side: int) -> StudyCache | None:
+        """The existing cache under root (a CACHE_FOLDER) with the smallest side ≥ min_side, or None."""
+        sides = []
+        with contextlib.suppress(OSError):
+            for sub in Path(root).iterdir():
+                if sub.name.endswith("px") and sub.name[:-2].isdigit() and (sub / "index.json").is_file():
+                    sides.append(int(sub.name[:-2]))
+        fitting = sorted(s for s in sides if s >= min_side)
+        return cls(root, fitting[0]) if fitting else None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, sha: str) -> bool:
+        return sha in self._entries
+
+    # --- reading -------------------------------------------------------------------------------------
+
+    def images(self, shas: Sequence[str], side: int | None = None) -> np.ndarray:
+        """Return the cached images of these keys in order as N×S×S×3 uint8, S = side (≤ the cache's; resized
+        by fit_square) or the cache's own; KeyError for a missing key."""
+        side = self.side if side is None else int(side)
+        out = np.empty((len(shas), side, side, 3), np.uint8)
+        for i, sha in enumerate(shas):
+            shard, row, _, _ = self._entries[sha]
+            out[i] = fit_square(self._shard(shard)[row], side)
+        return out
+
+    def lookup(self, sha: str) -> tuple[tuple[int, int], dedupe.CellPrint] | None:
+        """Return ((height, width) at full resolution, fingerprint) of a cached file, or None."""
+        entry = self._entries.get(sha)
+        if entry is None:
+            return None
+        shard, row, height, width = entry
+        polar, profile = self._shard_prints(shard)
+        return (height, width), dedupe.CellPrint(polar[row], profile[row])
+
+    # --- filling -------------------------------------------------------------------------------------
+
+    def ensure(self, files: Sequence[str | Path]) -> list[str]:
+        """Return the files' keys (SHA-256 of their bytes), first decoding (at reduced scale) and adding every
+        file the cache lacks. A file that cannot be read raises ImageDecodeError, as the pipeline would."""
+        files = [Path(f) for f in files]
+        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+            shas = list(pool.map(dedupe.sha256_file, files))
+            todo = {sha: f for f, sha in zip(files, shas) if sha not in self._entries}
+            if todo:
+                logger.info("Adding %d images to the study cache %s.", len(todo), self.folder)
+                with self.filling() as filler:
+                    for sha, entry in zip(todo, pool.map(self.decode, todo.values())):
+                        filler.add(sha, *entry)
+        return shas
+
+    def decode(self, file: str | Path) -> tuple[np.ndarray, tuple[int, int], dedupe.CellPrint]:
+        """Decode one file once for the cache: (RGB at reduced scale, full (height, width), its fingerprint)."""
+        rgb, size = images.read_rgb_sized(file, min_side=max(self.side, FINGERPRINT_MIN_SIDE))
+        return rgb, size, dedupe.cell_print(rgb)
+
+    @contextlib.contextmanager
+    def filling(self) -> Iterator[_Filler]:
+        """Yield a thread-safe adder of entries; shards are written every SHARD_ROWS entries and on exit."""
+        filler = _Filler(self)
+        try:
+            yield filler
+        finally:
+            filler.flush()
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _write_shard(self, shas: list[str], pictures: list[np.ndarray], sizes: list[tuple[int, int]],
+                     prints: list[dedupe.CellPrint]) -> None:
+        name = f"shard-{secrets.token_hex(6)}"
+        with atomic_path(self.folder / f"{name}.npy") as tmp:
+            np.save(tmp, np.stack(pictures))
+        with atomic_path(self.folder / f"{name}.prints.npz") as tmp:
+            np.savez(tmp, polar=np.stack([p.polar for p in prints]), profile=np.stack([p.profile for p in prints]))
+        with self._lock:
+            # Another process may have added entries since we read the index: keep theirs too.
+            self._entries = {**self._read_index(), **self._entries}
+            self._entries.update({sha: (name, row, int(h), int(w)) for row, (sha, (h, w)) in
+                                  enumerate(zip(shas, sizes))})
+            write_json(self.folder / "index.json", {"version": _VERSION, "side": self.side,
+                                                   "entries": {k: list(v) for k, v in self._entries.items()}})
+
+    def _read_index(self) -> dict[str, tuple[str, int, int, int]]:
+        try:
+            data = json.loads((self.folder / "index.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict) or data.get("version") != _VERSION or data.get("side") != self.side:
+            return {}
+        entries = data.get("entries") or {}
+        present = {s for s in {v[0] for v in entries.values()} if (self.folder / f"{s}.npy").is_file()
+                   and (self.folder / f"{s}.prints.npz").is_file()}
+        return {sha: (v[0], int(v[1]), int(v[2]), int(v[3])) for sha, v in entries.items() if v[0] in present}
+
+    def _shard(self, name: str) -> np.ndarray:
+        if name not in self._maps:
+            self._maps[name] = np.load(self.folder / f"{name}.npy", mmap_mode="r")
+        return self._maps[name]
+
+    def _shard_prints(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name not in self._prints:
+            with np.load(self.folder / f"{name}.prints.npz") as data:
+                self._prints[name] = (data["polar"], data["profile"])
+        return self._prints[name]
+
+
+class _Filler:
+    """Collects decoded entries (from several threads) and writes them to the cache in shards."""
+
+    def __init__(self, cache: StudyCache):
+        self.cache = cache
+        self._lock = threading.Lock()
+        self._pending: list[tuple[str, np.ndarray, tuple[int, int], dedupe.CellPrint]] = []
+        self._seen: set[str] = set()
+
+    def lookup(self, sha: str) -> tuple[tuple[int, int], dedupe.CellPrint] | None:
+        return self.cache.lookup(sha)
+
+    def add(self, sha: str, rgb: np.ndarray, size: tuple[int, int], fingerprint: dedupe.CellPrint) -> None:
+        """Add one decoded file (rgb at any size: resized here to the cache's side)."""
+        if sha in self.cache:
+            return
+        picture = fit_square(rgb, self.cache.side)
+        with self._lock:
+            if sha in self._seen:  # exact copies share one entry
+                return
+            self._seen.add(sha)
+            self._pending.append((sha, picture, size, fingerprint))
+            full = len(self._pending) >= SHARD_ROWS
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if batch:
+            self.cache._write_shard(*map(list, zip(*batch)))
