@@ -27,7 +27,7 @@ from bloodcell_lib.classes import CLASSES, FILE_PREFIXES
 from bloodcell_lib.errors import ConfigError, DatasetError
 from bloodcell_lib.synthetic import (
     _OD_NUCLEUS, _OD_NUCLEUS_BLUE, _OD_NUCLEUS_RED, _OD_RBC, _blobs, _check_target, _Copy,
-    _copy_linear, _draw_copy, _draw_white_cell, _local, _replace_previous_set, _soft,
+    _copy_linear, _draw_copy, _draw_white_cell, _local, _read_manifest, _replace_previous_set, _soft,
 )
 
 COPY_MANIFEST_NAME = "copyset_manifest.csv"
@@ -101,16 +101,9 @@ def make_copy_set(
 
 def load_copy_manifest(path: str | Path) -> pd.DataFrame:
     """Read a copy set's manifest (the CSV or the folder holding it) into a DataFrame."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / COPY_MANIFEST_NAME
-    if not path.is_file():
-        raise DatasetError(f"{path}: no copy-set manifest here; make one with bloodcell_lib.copyset.make_copy_set.")
-    text = {c: str for c in ("file", "class", "cell_id", "smear_id", "field_id", "fill")}
-    frame = pd.read_csv(path, dtype=text)
-    missing = [c for c in COPY_MANIFEST_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DatasetError(f"{path}: manifest lacks column(s) {', '.join(missing)}; regenerate the copy set.")
+    frame = _read_manifest(path, COPY_MANIFEST_NAME, COPY_MANIFEST_COLUMNS,
+                           ("file", "class", "cell_id", "smear_id", "field_id", "fill"), "copy set",
+                           "bloodcell_lib.copyset.make_copy_set")
     return frame.astype({"copy": int, "jpeg_quality": int, "flip_h": bool, "flip_v": bool})
 
 

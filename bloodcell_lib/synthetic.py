@@ -17,7 +17,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -174,16 +174,24 @@ def ensure_synthetic_dataset(
 
 def load_manifest(path: str | Path) -> pd.DataFrame:
     """Read a synthetic set's manifest (the CSV or the folder holding it) into a DataFrame."""
+    frame = _read_manifest(path, MANIFEST_NAME, MANIFEST_COLUMNS, ("file", "class", "cell_id"), "synthetic set",
+                           "`python -m bloodcell_lib synth`")
+    return frame.astype({"slide": int, "copy": int})
+
+
+def _read_manifest(path: str | Path, name: str, columns: Sequence[str], text: Sequence[str], what: str,
+                   how: str) -> pd.DataFrame:
+    """Read a generator's manifest CSV (or the one in the folder `path`), refusing a missing file or column."""
     path = Path(path)
     if path.is_dir():
-        path = path / MANIFEST_NAME
+        path = path / name
     if not path.is_file():
-        raise DatasetError(f"{path}: no synthetic-set manifest here; make one with `python -m bloodcell_lib synth`.")
-    frame = pd.read_csv(path, dtype={"file": str, "class": str, "cell_id": str})
-    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+        raise DatasetError(f"{path}: no {what.replace(' ', '-')} manifest here; make one with {how}.")
+    frame = pd.read_csv(path, dtype={c: str for c in text})
+    missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise DatasetError(f"{path}: manifest lacks column(s) {', '.join(missing)}; regenerate the synthetic set.")
-    return frame.astype({"slide": int, "copy": int})
+        raise DatasetError(f"{path}: manifest lacks column(s) {', '.join(missing)}; regenerate the {what}.")
+    return frame
 
 
 def manifest_mask(row: Mapping[str, Any], height: int, width: int) -> np.ndarray:
