@@ -18,8 +18,8 @@ def saved_model(tmp_path_factory):
     from bloodcell_lib.model import build_model
     from bloodcell_lib.model import save_model
 
-    path = tmp_path_factory.mktemp("predict") / "efficientnetb3.keras"
-    save_model(build_model("efficientnetb3", image_size=32, weights=None), path)
+    path = tmp_path_factory.mktemp("predict") / "vgg16.keras"  # the quickest real network to load
+    save_model(build_model("vgg16", image_size=32, weights=None), path)
     return path
 
 
@@ -36,14 +36,14 @@ def images(tmp_path_factory):
     return folder
 
 
-@pytest.mark.slow  # EfficientNetB3 through a CLI subprocess
-def test_predict_cli_prints_classes_and_writes_overlays(saved_model, images, tmp_path):
+@pytest.mark.slow  # builds VGG16
+def test_predict_cli_prints_classes_and_writes_overlays(saved_model, images, tmp_path, capsys):
+    from bloodcell_lib.cli import main
+
     files = [images / "large smear.jpg", images / "alpha.png", images / "broken.jpg"]
-    run = subprocess.run([sys.executable, "-m", "bloodcell_lib", "predict", "--model", str(saved_model),
-                          *map(str, files), "--gradcam", str(tmp_path / "cams"), "--json"],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = json.loads(run.stdout)
+    assert main(["predict", "--model", str(saved_model), *map(str, files), "--gradcam", str(tmp_path / "cams"),
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
     assert [r["path"] for r in rows] == [str(f) for f in files]
     for row in rows[:2]:
         assert row["class"] in CLASSES
@@ -53,7 +53,7 @@ def test_predict_cli_prints_classes_and_writes_overlays(saved_model, images, tmp
     assert "error" in rows[2] and "broken.jpg" in rows[2]["error"]
 
 
-@pytest.mark.slow  # EfficientNetB3 through a CLI subprocess
+@pytest.mark.slow  # VGG16 through a CLI subprocess
 def test_predict_text_output(saved_model, images):
     run = subprocess.run([sys.executable, "-m", "bloodcell_lib", "predict", "--model", str(saved_model),
                           str(images / "alpha.png")], capture_output=True, text=True, timeout=300)
