@@ -13,29 +13,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-import keras
 import pytest
 
 from bloodcell_lib import evaluation, training
 from bloodcell_lib.cli import main
 from bloodcell_lib.errors import OutputError
 from bloodcell_lib.model import build_model, save_model
-from bloodcell_lib.registry import ARCHITECTURES, ArchSpec
+from bloodcell_lib.registry import ARCHITECTURES
+
+from _tinynet import TINYNET
 
 pytestmark = pytest.mark.slow  # every test uses the `world` fixture, which trains a network
-
-
-def _tiny_base(include_top=False, weights=None, input_tensor=None, **_):
-    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="tiny_conv")(input_tensor)
-    return keras.Model(input_tensor, x)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_set):
     """A tiny synthetic set, its split, a tinynet trained one epoch, a 3- and a 7-class model, a broken .keras."""
-    spec = ArchSpec(key="tinynet", display_name="TinyNet", constructor=_tiny_base,
-                    preprocess=keras.applications.efficientnet.preprocess_input, native_size=32, min_size=8,
-                    last_conv_layer="tiny_conv", unfreeze_layers=1, notebook="TinyNet")
+    spec = TINYNET
     ARCHITECTURES[spec.key] = spec
     try:
         root = tmp_path_factory.mktemp("bad_input")

@@ -150,28 +150,18 @@ def test_missing_model_file_is_a_clear_error(tmp_path):
 # around the model, which is the same for every architecture.
 
 
-def _tiny_base(include_top=False, weights=None, input_tensor=None, **_):
-    import keras
-
-    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="tiny_conv")(input_tensor)
-    return keras.Model(input_tensor, x)
-
-
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     """A small synthetic set, split A (the study's) and split B of the same set, and a tiny network trained for
     one epoch on A through train_from_config in the smoke profile, as a notebook would."""
-    import keras
-
+    from _tinynet import TINYNET
     from bloodcell_lib.config import profile_config
-    from bloodcell_lib.registry import ARCHITECTURES, ArchSpec
+    from bloodcell_lib.registry import ARCHITECTURES
     from bloodcell_lib.split import load_split, make_split, save_split
     from bloodcell_lib.synthetic import TINY_SET, make_synthetic_dataset
     from bloodcell_lib.training import train_from_config
 
-    spec = ArchSpec(key="tinynet", display_name="TinyNet", constructor=_tiny_base,
-                    preprocess=keras.applications.efficientnet.preprocess_input, native_size=32, min_size=8,
-                    last_conv_layer="tiny_conv", unfreeze_layers=1, notebook="TinyNet")
+    spec = TINYNET
     ARCHITECTURES[spec.key] = spec
     try:
         root = tmp_path_factory.mktemp("tiny_study")
