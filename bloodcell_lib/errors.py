@@ -52,3 +52,7 @@ class TrainingInterrupted(BloodcellError):
     def __init__(self, message: str, epochs_done: int = 0) -> None:
         super().__init__(message)
         self.epochs_done = epochs_done
+
+
+class ExecutorError(BloodcellError):
+    """The notebook runs cannot be executed as asked: an unknown executor, Ray not installed, no cluster there."""
