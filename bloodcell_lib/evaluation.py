@@ -15,6 +15,7 @@ Three further measurements sit beside that pass, each on inputs of its own and l
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -28,16 +29,24 @@ import pandas as pd
 import tensorflow as tf
 
 from bloodcell_lib import figures
-from bloodcell_lib.atomic import describe_os_error
+from bloodcell_lib.atomic import describe_os_error, write_text
 from bloodcell_lib.calibration import apply_temperature, calibration_report, plot_reliability, reliability_curve
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.config import DEFAULT_BOOTSTRAP, DEFAULT_SEED, RunConfig, profile_config, resolve_profile
 from bloodcell_lib.cost import measure_cost
 from bloodcell_lib.errors import OutputError, ProvenanceError
-from bloodcell_lib.explain import explain_summary, gradcam_heatmaps, overlay_heatmap
+from bloodcell_lib.explain import (
+    METHODS,
+    explanation_scores,
+    feature_grid,
+    gradcam_heatmaps,
+    overlay_heatmap,
+    random_deletion_auc,
+    summarise_explanations,
+)
 from bloodcell_lib.history import history_path, load_history
 from bloodcell_lib.masks import cell_masks
-from bloodcell_lib.metrics import paired_comparison
+from bloodcell_lib.metrics import scores_against
 from bloodcell_lib.model import check_model_fits_study, load_trained_model, model_image_size
 from bloodcell_lib.pipeline import load_images, make_dataset
 from bloodcell_lib.registry import get_arch
@@ -46,6 +55,7 @@ from bloodcell_lib.results import (
     TTA_VARIANT,
     VAL_VARIANT,
     GradcamExamples,
+    explanations_path,
     figure_path,
     library_versions,
     predictions_path,
@@ -62,13 +72,18 @@ from bloodcell_lib.split import load_split
 # Side of the heatmaps saved in `<run>_gradcam.npz`: Grad-CAM maps are upsampled from a feature map of 7-19 cells,
 # so 64 px keeps all they hold at a fraction of the image-sized file.
 GRADCAM_SAVED_SIDE = 64
+# The Grad-CAM and sample figures show the first this-many images of each class of the explanation set (all of them
+# are scored and saved): a figure of a hundred images would be unreadable.
+GRADCAM_FIGURE_PER_CLASS = 4
 # Test-time augmentation when evaluate() is not told (tta=None), by the run's profile: on for the study itself,
 # off where a quick run matters more than the last point of accuracy (it costs 8 passes over the test images).
-TTA_BY_PROFILE: dict[str, bool] = {"paper": True, "demo": False, "smoke": False}
+TTA_BY_PROFILE: dict[str, bool] = {"paper": True, "demo": False, "smoke": True}  # smoke: tiny, so CI runs it
 # The orientations TTA averages over: rot90 k times, of the image and of its mirror image (the dihedral group D4).
 TTA_VIEWS = 8
 # Metrics whose TTA value and paired difference to the plain pass the results record.
 TTA_KEYS = ("macro_f1", "accuracy")
+TTA_METHOD = ("mean probability over 4 rotations x 2 mirrorings; paired group bootstrap against the plain pass, "
+              "group sign-flip p-value")
 
 logger = logging.getLogger(__name__)
 
@@ -140,58 +155,107 @@ def evaluation_config(model_path: str | Path | None = None, profile: str | None 
     return profile_config(profile, **overrides)
 
 
-def select_gradcam_examples(labels: Sequence[str], n: int, seed: int = 0) -> np.ndarray:
+def select_gradcam_examples(labels: Sequence[str], n: int, seed: int = 0,
+                            groups: Sequence[Any] | None = None) -> np.ndarray:
     """Pick up to n positions of the test images to explain, the same for every model: chosen from the true
     labels alone (never a model's predictions), spread evenly over the classes, seeded.
 
     Each class's positions are shuffled with one seeded generator and dealt round-robin (first of every class,
-    then second, ...), so a class with few images gives what it has and the others fill up. Returned grouped by
-    class (CLASSES order), in dealing order within a class: the first k of each class are the k that a smaller n
-    would pick.
+    then second, ...), so a class with few images gives what it has and the others fill up. groups: duplicate
+    group per position; a class then deals one image of each of its cells before any second copy (copies are not
+    new evidence). Returned grouped by class (CLASSES order), in dealing order within a class: the first k of each
+    class are the k that a smaller n would pick.
     """
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     shuffled = [rng.permutation(np.flatnonzero(labels == name)) for name in CLASSES]
+    if groups is not None:
+        copy_rank = _copy_rank(groups)
+        shuffled = [s[np.argsort(copy_rank[s], kind="stable")] for s in shuffled]
     dealt = [(rank, k) for rank in range(max((len(s) for s in shuffled), default=0))
              for k, s in enumerate(shuffled) if rank < len(s)][:max(0, n)]
     return np.asarray([shuffled[k][rank] for rank, k in sorted(dealt, key=lambda d: (d[1], d[0]))], dtype=int)
 
 
-def explain_model(model, split: pd.DataFrame, frame: pd.DataFrame, output_dir: Path, name: str,
-                  n_images: int, seed: int = 0, make_figures: bool = True) -> dict[str, Any]:
-    """Grad-CAM and Grad-CAM++ on chosen test images: focus, deletion AUC, sanity.
+def explanation_set(split: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame:
+    """The test rows every model of a study is explained on: a function of the split's test rows, n and seed only.
 
-    Writes `<name>_gradcam.npz` (the images' paths, true and predicted classes, Grad-CAM heatmaps) and, with
-    make_figures, the Grad-CAM and sample-prediction grids. frame: the test subset's predictions, in split order.
+    select_gradcam_examples over the test rows in path order (so the split file's row order does not matter), with
+    their duplicate groups: class-stratified, as equal per class as the test set allows, one image per cell before
+    any copy. No model and no prediction is involved, so the set exists before any prediction and is the same for
+    every architecture; explanation_set_record says which it is.
+    """
+    test = split[split["subset"] == "test"].sort_values("path", kind="stable").reset_index(drop=True)
+    chosen = test.iloc[select_gradcam_examples(test["label"], n, seed, groups=test["group"])].reset_index(drop=True)
+    chosen.attrs = dict(split.attrs)
+    return chosen
+
+
+def explanation_set_record(rows: pd.DataFrame, n_requested: int, seed: int) -> dict[str, Any]:
+    """The `image_set` block of results["explainability"]: how the set was chosen, its size per class, and the
+    SHA-256 of its sorted paths (one per line), equal for every model explained on the same set."""
+    paths = sorted(rows["path"].astype(str))
+    return {
+        "n": int(len(rows)), "n_requested": int(n_requested), "seed": int(seed),
+        "per_class": {name: int((rows["label"] == name).sum()) for name in CLASSES},
+        "n_groups": int(rows["group"].nunique(dropna=False)),
+        "paths_sha256": hashlib.sha256("\n".join(paths).encode("utf-8")).hexdigest(),
+        "rule": "class-stratified, seeded, from the split's test rows alone (before any prediction); "
+                "one image per duplicate group before any copy",
+    }
+
+
+def explain_model(model, split: pd.DataFrame, frame: pd.DataFrame, output_dir: Path, name: str,
+                  n_images: int, seed: int = 0, make_figures: bool = True,
+                  n_boot: int = DEFAULT_BOOTSTRAP) -> dict[str, Any]:
+    """Grad-CAM and Grad-CAM++ on the study's explanation set: focus, deletion AUC (raw, random-order, normalised)
+    and sanity, each with a group-bootstrap interval (explain.summarise_explanations).
+
+    The images are explanation_set(split, n_images, seed), the same for every model; each map explains the model's
+    predicted class. Writes `<name>_explanations.csv` (per image: path, labels, group, `<method>_<score>` for
+    explain.SCORE_KEYS), `<name>_gradcam.npz` (the images' paths, true and predicted classes, Grad-CAM heatmaps) and,
+    with make_figures, Grad-CAM and sample-prediction grids of the first GRADCAM_FIGURE_PER_CLASS of each class.
+    frame: the test subset's predictions (their predicted classes are the ones explained); empty → nothing.
     """
     if n_images <= 0 or frame.empty:
         return {}
     spec = get_arch(model.name)
     size = model_image_size(model)
-    idx = select_gradcam_examples(frame["true_label"], n_images, seed)
-    chosen = split[split["subset"] == "test"].iloc[idx]
-    chosen.attrs = dict(split.attrs)
+    layer = spec.last_conv_layer
+    chosen = explanation_set(split, n_images, seed)
     images, labels, paths = load_images(chosen, "test", size)
     data_root = Path(split.attrs.get("data_root", "."))
     masks, mask_source = cell_masks(data_root, paths, images)
     x = spec.network_input(images)
     shown = frame.set_index("path").loc[paths]
     pred = shown["pred_label"].map(CLASSES.index).to_numpy()
-    block: dict[str, Any] = {"mask_source": mask_source, "layer": spec.last_conv_layer, "image_paths": paths}
+    groups = chosen["group"].to_numpy()
+    block: dict[str, Any] = {"mask_source": mask_source, "layer": layer,
+                             "image_set": explanation_set_record(chosen, n_images, seed), "image_paths": paths}
+    # One random-order reference for both methods: it depends on the images, classes, steps and baseline only.
+    random_auc = random_deletion_auc(model, x, pred, seed=seed, grid=feature_grid(model, layer))
+    per_image = pd.DataFrame({"path": paths, "true_label": chosen["label"].to_numpy(),
+                              "pred_label": shown["pred_label"].to_numpy(), "group": groups})
     heat = {}
-    for method in ("gradcam", "gradcam++"):
-        heat[method] = gradcam_heatmaps(model, x, class_indices=pred, layer=spec.last_conv_layer, method=method)
-        block[method] = explain_summary(model, x, masks, class_indices=pred, layer=spec.last_conv_layer,
-                                        method=method, seed=seed, heatmaps=heat[method])
+    for method in METHODS:
+        heat[method] = gradcam_heatmaps(model, x, class_indices=pred, layer=layer, method=method)
+        scores = explanation_scores(model, x, masks, pred, layer, method, seed=seed, heatmaps=heat[method],
+                                    random_auc=random_auc)
+        block[method] = summarise_explanations(scores, groups, n_boot=n_boot, seed=seed)
+        per_image = per_image.join(scores.add_prefix(f"{method}_"))
+    block["scores_file"] = write_text(explanations_path(output_dir, name), per_image.to_csv(index=False)).name
     examples = GradcamExamples(run=name, display_name=spec.display_name, data_root=str(data_root), paths=paths,
                                true=labels, pred=pred, heatmaps=_shrunk(heat["gradcam"], GRADCAM_SAVED_SIDE),
-                               image_size=size, layer=spec.last_conv_layer, method="gradcam")
+                               image_size=size, layer=layer, method="gradcam")
     block["examples_file"] = write_gradcam(output_dir, examples).name
     if make_figures:
-        overlays = np.stack([overlay_heatmap(img, h) for img, h in zip(images, heat["gradcam"])])
-        figures.plot_gradcam_grid(images, overlays, labels, pred, path=figure_path(output_dir, name, "gradcam"),
+        few = np.flatnonzero(chosen.groupby("label").cumcount().to_numpy() < GRADCAM_FIGURE_PER_CLASS)
+        overlays = np.stack([overlay_heatmap(img, h) for img, h in zip(images[few], heat["gradcam"][few])])
+        figures.plot_gradcam_grid(images[few], overlays, labels[few], pred[few],
+                                  path=figure_path(output_dir, name, "gradcam"),
                                   title=f"Grad-CAM — {spec.display_name}")
-        figures.plot_sample_predictions(images, labels, pred, shown[PROB_COLUMNS].max(axis=1).to_numpy(),
+        figures.plot_sample_predictions(images[few], labels[few], pred[few],
+                                        shown[PROB_COLUMNS].max(axis=1).to_numpy()[few],
                                         path=figure_path(output_dir, name, "samples"))
     return block
 
@@ -266,7 +330,7 @@ def evaluate(model, split: pd.DataFrame, subset: str = "test", output_dir: str |
         results["cost"] = measure_cost(model, model_path=model_path, training_seconds=meta.get("total_seconds"),
                                        epochs=(epochs or {}).get("total"), repeats=cost_repeats)
         results["explainability"] = explain_model(model, split, frame if subset == "test" else frame.iloc[:0],
-                                                  work, name, gradcam_images, seed, make_figures)
+                                                  work, name, gradcam_images, seed, make_figures, n_boot)
         if make_figures:
             results["figures"] = [str(output_dir / Path(p).name)
                                   for p in save_figures(frame, metrics, work, name, _curves(history))]
@@ -324,26 +388,14 @@ def evaluate_tta(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray
     """Average each image's probabilities over its rotations and flips, write `<name>_tta_predictions.csv`, and
     score it beside the plain pass: TTA_KEYS with intervals, and the paired difference TTA − plain with the same
     groups and resamples. frame: the plain pass's predictions file, rows: the split rows it was made from."""
-    _, tta_metrics = record_predictions(folder, name, rows, tta_proba(predict, images), n_boot=n_boot, seed=seed,
-                                        variant=TTA_VARIANT)
+    record_predictions(folder, name, rows, tta_proba(predict, images), n_boot=0, seed=seed, variant=TTA_VARIANT)
     tta_frame = pd.read_csv(predictions_path(folder, name, TTA_VARIANT))
     y = frame["true_label"].map(CLASSES.index).to_numpy()
-    block: dict[str, Any] = {"enabled": True, "views": TTA_VIEWS,
-                             "predictions_file": predictions_path(folder, name, TTA_VARIANT).name}
-    for key in TTA_KEYS:
-        paired = paired_comparison(y, tta_frame[PROB_COLUMNS].to_numpy(dtype=np.float64),
-                                   frame[PROB_COLUMNS].to_numpy(dtype=np.float64), groups=frame["group"].to_numpy(),
-                                   metric=key, n_boot=n_boot, seed=seed)
-        block[key] = tta_metrics[key]
-        block[f"{key}_ci"] = tta_metrics[f"{key}_ci"]
-        block[f"{key}_plain"] = paired["metric_b"]
-        block[f"{key}_delta"] = paired["delta"]
-        block[f"{key}_delta_ci"] = paired["ci"]
-        block[f"{key}_delta_p"] = paired["p_value"]
-    block.update({"n": int(len(y)), "n_boot": int(n_boot), "seed": int(seed),
-                  "method": "mean probability over 4 rotations x 2 mirrorings; paired group bootstrap against "
-                            "the plain pass, group sign-flip p-value"})
-    return block
+    block = scores_against(y, tta_frame[PROB_COLUMNS].to_numpy(dtype=np.float64),
+                           frame[PROB_COLUMNS].to_numpy(dtype=np.float64), groups=frame["group"].to_numpy(),
+                           keys=TTA_KEYS, n_boot=n_boot, seed=seed)
+    return {"enabled": True, "views": TTA_VIEWS, "predictions_file": predictions_path(folder, name, TTA_VARIANT).name,
+            **block, "method": TTA_METHOD}
 
 
 def calibrate(model, split: pd.DataFrame, subset: str, frame: pd.DataFrame, folder: Path, name: str, n_boot: int,
@@ -431,6 +483,15 @@ def _epochs_from_history(history: dict | None) -> dict[str, int] | None:
         return None
     phases = list(curves["phase"])
     return {"phase1": phases.count(1), "phase2": phases.count(2), "total": len(phases)}
+
+
+def _copy_rank(groups: Sequence[Any]) -> np.ndarray:
+    """Per position: how many earlier positions share its duplicate group (0 for a cell's first image); a missing
+    group id counts as a group of its own."""
+    codes, _ = pd.factorize(pd.Series(list(groups)))
+    missing = codes < 0
+    codes[missing] = codes.max(initial=-1) + 1 + np.arange(missing.sum())
+    return pd.Series(codes).groupby(codes).cumcount().to_numpy()
 
 
 def _shrunk(heatmaps: np.ndarray, side: int) -> np.ndarray:

@@ -1,6 +1,8 @@
 """Grad-CAM and Grad-CAM++ heatmaps, overlays, and explanation quality as numbers (focus, deletion, sanity).
 
 Models are shown side by side from the examples each evaluation saved (gradcam_side_by_side), never recomputed.
+The numbers come per image (explanation_scores: focus on the cell, deletion AUC, the same with a random deletion
+order, their ratio, sanity correlation) and as means with group-bootstrap intervals (summarise_explanations).
 
 Heatmaps are computed for whole batches: one forward and one backward pass per batch, never a Python
 loop per image. This is correct because in inference mode every image's class score depends only on
@@ -26,14 +28,24 @@ from matplotlib.figure import Figure
 from scipy.stats import rankdata
 
 from bloodcell_lib.classes import CLASSES
+from bloodcell_lib.config import DEFAULT_BOOTSTRAP
 from bloodcell_lib.errors import ConfigError, ModelError
 from bloodcell_lib.figures import plot_image_grid
+from bloodcell_lib.metrics import bootstrap_ci
 from bloodcell_lib.pipeline import load_images
 from bloodcell_lib.quiet import quiet_tensorflow
 from bloodcell_lib.registry import ARCHITECTURES, get_arch
 from bloodcell_lib.results import GradcamExamples, gradcam_path, load_gradcam
 
 METHODS = ("gradcam", "gradcam++")
+# The per-image explanation scores (explanation_scores), in the order results files and `<run>_explanations.csv`
+# show them. Higher focus is better; lower is better for the deletion AUCs and the sanity correlation.
+SCORE_KEYS: tuple[str, ...] = ("focus", "deletion_auc", "deletion_auc_random", "deletion_auc_normalised",
+                               "sanity_spearman")
+# Deletion curves remove the pixels in this many equal shares (the random order uses the same).
+DELETION_STEPS = 10
+# The random deletion order draws from its own stream of the seed, apart from deletion_auc's tie-breaking.
+_RANDOM_ORDER_STREAM = 1
 
 
 def gradcam_heatmaps(model, images: np.ndarray, class_indices: Sequence[int] | np.ndarray | None = None,
@@ -155,7 +167,7 @@ def focus_score(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 
 def deletion_auc(model, images: np.ndarray, heatmaps: np.ndarray, class_indices: Sequence[int] | np.ndarray,
-                 steps: int = 10, baseline_value: float | str | None = None, batch_size: int = 32,
+                 steps: int = DELETION_STEPS, baseline_value: float | str | None = None, batch_size: int = 32,
                  seed: int = 0) -> np.ndarray:
     """Per image: area under the class probability as the most salient pixels are removed (lower = better).
 
@@ -189,6 +201,40 @@ def deletion_auc(model, images: np.ndarray, heatmaps: np.ndarray, class_indices:
     return (curve[:-1] + curve[1:]).sum(axis=0) / (2.0 * steps)  # trapezoid rule over fractions 0..1
 
 
+def random_order_heatmaps(n: int, height: int, width: int, grid: tuple[int, int] | None = None,
+                          seed: int = 0) -> np.ndarray:
+    """Float32 N×H×W maps in [0, 1] whose pixel ranking is a seeded random order: the reference deletion order.
+
+    grid None → every pixel drawn on its own. grid (h, w) → uniform noise on an h×w grid, upsampled bilinearly as
+    Grad-CAM upsamples its feature map: random deletion then removes blobs of the size Grad-CAM deletion removes,
+    not scattered pixels (which a CNN tolerates differently), so the two curves differ only in where they delete.
+    """
+    rng = np.random.default_rng([seed, _RANDOM_ORDER_STREAM])
+    if grid is None or (grid[0] >= height and grid[1] >= width):
+        return rng.random((n, height, width), dtype=np.float32)
+    coarse = rng.random((n, int(grid[0]), int(grid[1]), 1), dtype=np.float32)
+    return tf.image.resize(coarse, (height, width), method="bilinear").numpy()[..., 0]
+
+
+def random_deletion_auc(model, images: np.ndarray, class_indices: Sequence[int] | np.ndarray,
+                        steps: int = DELETION_STEPS, baseline_value: float | str | None = None, batch_size: int = 32,
+                        seed: int = 0, grid: tuple[int, int] | None = None) -> np.ndarray:
+    """Per image: deletion_auc with the pixels removed in a seeded random order (random_order_heatmaps).
+
+    Same steps, baseline and explained class as the map's deletion: the AUC of a map that knows nothing, which
+    deletion_auc_normalised divides by. grid: the explained layer's grid (feature_grid), None → pixel by pixel.
+    """
+    x = np.asarray(images, dtype=np.float32)
+    maps = random_order_heatmaps(len(x), x.shape[1], x.shape[2], grid, seed)
+    return deletion_auc(model, x, maps, class_indices, steps, baseline_value, batch_size, seed)
+
+
+def feature_grid(model, layer: str | None = None) -> tuple[int, int] | None:
+    """(rows, columns) of the feature map Grad-CAM explains (layer None → default_layer); None when not fixed."""
+    shape = _output_shape(_check_layer(model, layer or default_layer(model)))
+    return None if shape[1] is None or shape[2] is None else (int(shape[1]), int(shape[2]))
+
+
 def randomised_copy(model, seed: int = 0):
     """Return a clone of the model with every layer re-initialised from its own (seeded) initialisers.
 
@@ -217,8 +263,7 @@ def sanity_check(model, images: np.ndarray, layer: str | None = None,
     """
     layer = layer or default_layer(model)
     heatmaps, class_indices = _maps_and_classes(model, images, class_indices, heatmaps, layer, method, batch_size)
-    random_maps = gradcam_heatmaps(randomised_copy(model, seed), images, class_indices, layer, method, batch_size)
-    rho = spearman_per_image(heatmaps, random_maps)
+    rho = _randomisation_rho(model, images, heatmaps, class_indices, layer, method, seed, batch_size)
     return {
         "method": method,
         "layer": layer,
@@ -229,39 +274,98 @@ def sanity_check(model, images: np.ndarray, layer: str | None = None,
     }
 
 
-def explain_summary(model, images: np.ndarray, masks: np.ndarray | None = None,
-                    class_indices: Sequence[int] | np.ndarray | None = None, layer: str | None = None,
-                    method: str = "gradcam", seed: int = 0, steps: int = 10, batch_size: int = 32,
-                    heatmaps: np.ndarray | None = None, random_baseline: bool = True) -> dict[str, Any]:
-    """Focus, deletion AUC and sanity correlation of one method as a JSON-ready dict for the results file.
+def explanation_scores(model, images: np.ndarray, masks: np.ndarray | None = None,
+                       class_indices: Sequence[int] | np.ndarray | None = None, layer: str | None = None,
+                       method: str = "gradcam", seed: int = 0, steps: int = DELETION_STEPS,
+                       baseline_value: float | str | None = None, batch_size: int = 32,
+                       heatmaps: np.ndarray | None = None, random_auc: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per image: the SCORE_KEYS of one method's maps; the settings they were made with in `.attrs`.
 
-    masks: bool N×H×W cell masks (None → no focus score). heatmaps: pass them to skip recomputing.
-    random_baseline adds the deletion AUC of a random pixel order, the reference the real AUC must beat.
+    focus: focus_score on the masks (NaN without masks). deletion_auc: the class probability's area as the map's
+    most salient pixels are removed. deletion_auc_random: the same with the pixels removed in a seeded random order
+    on the explained layer's grid, same steps, baseline and class (random_deletion_auc; random_auc passes one
+    computed for the same images and classes, e.g. shared by Grad-CAM and Grad-CAM++). deletion_auc_normalised:
+    deletion_auc ÷ deletion_auc_random, 1 when the map finds the decisive pixels no faster than chance, lower is
+    better (NaN when the random AUC is 0). sanity_spearman: rank correlation with a randomised copy's maps.
     """
     layer = layer or default_layer(model)
-    heatmaps, class_indices = _maps_and_classes(model, images, class_indices, heatmaps, layer, method, batch_size)
-    focus = focus_score(heatmaps, masks) if masks is not None else np.array([np.nan])
-    n = len(images)
-    maps, classes, x = np.asarray(heatmaps, np.float32), np.asarray(class_indices), np.asarray(images, np.float32)
-    if random_baseline:  # one deletion run over both orders: the model is traced once
-        noise = np.random.default_rng(seed + 1).random(maps.shape, dtype=np.float32)
-        maps, classes, x = np.concatenate([maps, noise]), np.concatenate([classes, classes]), np.concatenate([x, x])
-    deletion = deletion_auc(model, x, maps, classes, steps=steps, batch_size=batch_size, seed=seed)
-    sanity = sanity_check(model, images, layer, class_indices, method, heatmaps, seed, batch_size)
-    summary = {
-        "method": method,
-        "layer": layer,
-        "n_images": int(n),
-        "focus_mean": _nan_stat(np.nanmean, focus),
-        "focus_median": _nan_stat(np.nanmedian, focus),
-        "deletion_auc_mean": float(np.mean(deletion[:n])),
-        "deletion_steps": int(steps),
-        "sanity_spearman_mean": sanity["spearman_mean"],
-        "sanity_spearman_median": sanity["spearman_median"],
+    heatmaps, classes = _maps_and_classes(model, images, class_indices, heatmaps, layer, method, batch_size)
+    x = np.asarray(images, dtype=np.float32)
+    grid = feature_grid(model, layer)
+    deletion = deletion_auc(model, x, heatmaps, classes, steps, baseline_value, batch_size, seed)
+    if random_auc is None:
+        random_auc = random_deletion_auc(model, x, classes, steps, baseline_value, batch_size, seed, grid)
+    random_auc = np.asarray(random_auc, dtype=np.float64)
+    if random_auc.shape != deletion.shape:
+        raise ValueError(f"explanation_scores: {random_auc.shape} random-order AUCs for {len(x)} images.")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        normalised = np.where(random_auc > 0, deletion / random_auc, np.nan)
+    scores = pd.DataFrame({
+        "focus": focus_score(heatmaps, masks) if masks is not None else np.full(len(x), np.nan),
+        "deletion_auc": deletion,
+        "deletion_auc_random": random_auc,
+        "deletion_auc_normalised": normalised,
+        "sanity_spearman": _randomisation_rho(model, x, heatmaps, classes, layer, method, seed, batch_size),
+    }, columns=list(SCORE_KEYS))
+    scores.attrs = {
+        "method": method, "layer": layer, "deletion_steps": int(steps),
+        "deletion_baseline": "per-image channel mean" if baseline_value in (None, "mean") else baseline_value,
+        "random_order": (f"seeded, on the layer's {grid[0]}×{grid[1]} grid upsampled like Grad-CAM" if grid
+                         else "seeded, pixel by pixel"),
     }
-    if random_baseline:
-        summary["deletion_auc_random_mean"] = float(np.mean(deletion[n:]))
+    return scores
+
+
+def summarise_explanations(scores: pd.DataFrame, groups: Sequence[Any] | None = None,
+                           n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, ci: float = 0.95) -> dict[str, Any]:
+    """JSON-ready summary of explanation_scores: each SCORE_KEYS `<key>` with `<key>_ci`, a group-bootstrap interval.
+
+    `<key>` is the mean over the images where the score is defined, except deletion_auc_normalised: the mean
+    deletion AUC ÷ the mean random-order AUC (a ratio of means, not a mean of per-image ratios, because an image
+    whose probability collapses at the first step whatever is removed has a random AUC near 0 and a per-image ratio
+    that would swamp the mean; the per-image ratios stay in the scores). 1.0: the map removes the decisive pixels
+    no faster than a random order does; lower is better; 0: the probability vanished at the first step.
+    Intervals come from metrics.bootstrap_ci, resampling whole duplicate groups (groups: one id per image; None →
+    every image its own), the same draws for every score. The legacy `*_mean`/`*_median` keys are kept for readers.
+    """
+    groups = None if groups is None else list(groups)
+    summary: dict[str, Any] = {**scores.attrs, "n_images": int(len(scores))}
+    columns = {key: scores[key].to_numpy(dtype=np.float64) for key in SCORE_KEYS}
+    for key in SCORE_KEYS:
+        arrays = ((columns["deletion_auc"], columns["deletion_auc_random"]) if key == "deletion_auc_normalised"
+                  else (columns[key],))
+        statistic = _ratio_of_means if key == "deletion_auc_normalised" else _mean_defined
+        value = statistic(*arrays)
+        summary[key] = None if np.isnan(value) else float(value)
+        summary[f"{key}_ci"] = (bootstrap_ci(statistic, *arrays, groups=groups, n_boot=n_boot, seed=seed, ci=ci)
+                                if len(scores) else [float("nan")] * 2)
+    summary["n_defined"] = {key: int(np.isfinite(columns[key]).sum()) for key in SCORE_KEYS}
+    summary["bootstrap"] = {"n_boot": int(n_boot), "seed": int(seed), "ci": float(ci),
+                            "unit": "group" if groups is not None else "image",
+                            "method": "percentile, resampling whole duplicate groups"}
+    summary.update({  # the keys results files held before the intervals; compare and notebooks read them
+        "focus_mean": summary["focus"], "focus_median": _nan_stat(np.nanmedian, columns["focus"]),
+        "deletion_auc_mean": summary["deletion_auc"], "deletion_auc_random_mean": summary["deletion_auc_random"],
+        "sanity_spearman_mean": summary["sanity_spearman"],
+        "sanity_spearman_median": _nan_stat(np.nanmedian, columns["sanity_spearman"]),
+    })
     return summary
+
+
+def explain_summary(model, images: np.ndarray, masks: np.ndarray | None = None,
+                    class_indices: Sequence[int] | np.ndarray | None = None, layer: str | None = None,
+                    method: str = "gradcam", seed: int = 0, steps: int = DELETION_STEPS, batch_size: int = 32,
+                    heatmaps: np.ndarray | None = None, groups: Sequence[Any] | None = None,
+                    n_boot: int = DEFAULT_BOOTSTRAP, baseline_value: float | str | None = None,
+                    random_auc: np.ndarray | None = None) -> dict[str, Any]:
+    """Focus, deletion AUC (raw, random-order, normalised) and sanity correlation of one method, with intervals.
+
+    summarise_explanations(explanation_scores(...)): see those two. masks: bool N×H×W cell masks (None → no focus
+    score). heatmaps: pass them to skip recomputing. groups: the images' duplicate groups, for the intervals.
+    """
+    scores = explanation_scores(model, images, masks, class_indices, layer, method, seed, steps, baseline_value,
+                                batch_size, heatmaps, random_auc)
+    return summarise_explanations(scores, groups, n_boot, seed)
 
 
 def default_layer(model) -> str:
@@ -465,6 +569,22 @@ def _deletion_baseline(x: np.ndarray, baseline_value: float | str | None) -> np.
         return np.full((1, 1, 1, 1), float(baseline_value), dtype=np.float32)
     raise ConfigError(f"deletion_auc: baseline_value must be None, 'mean', 'blur' or a number, "
                       f"got {baseline_value!r}.")
+
+
+def _randomisation_rho(model, images, heatmaps, classes, layer, method, seed, batch_size) -> np.ndarray:
+    """Per image: Spearman correlation of the maps with a randomised copy's maps of the same classes."""
+    random_maps = gradcam_heatmaps(randomised_copy(model, seed), images, classes, layer, method, batch_size)
+    return spearman_per_image(heatmaps, random_maps)
+
+
+def _mean_defined(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def _ratio_of_means(numerator: np.ndarray, denominator: np.ndarray) -> float:
+    below = float(np.mean(denominator))
+    return float(np.mean(numerator)) / below if below > 0 else float("nan")
 
 
 def _nan_stat(fn, values: np.ndarray) -> float | None:

@@ -262,6 +262,29 @@ def paired_comparison(
     }
 
 
+def scores_against(
+    y_true: Sequence[Any],
+    proba: np.ndarray,
+    reference: np.ndarray,
+    groups: Sequence[Any] | None,
+    keys: Sequence[str],
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Each metric in keys for `proba` with its interval, beside `reference`'s (the same images, row for row): the
+    value `<key>`, `<key>_ci`, the reference's `<key>_plain`, and the paired difference proba − reference
+    `<key>_delta`, `<key>_delta_ci`, `<key>_delta_p` (same group resamples, group sign-flip p); n, n_boot, seed.
+    Used for test-time augmentation against the plain pass."""
+    values = compute_metrics(y_true, proba, groups=groups, n_boot=n_boot, seed=seed)
+    block: dict[str, Any] = {}
+    for key in keys:
+        paired = paired_comparison(y_true, proba, reference, groups=groups, metric=key, n_boot=n_boot, seed=seed)
+        block.update({key: values[key], f"{key}_ci": values.get(f"{key}_ci"), f"{key}_plain": paired["metric_b"],
+                      f"{key}_delta": paired["delta"], f"{key}_delta_ci": paired["ci"],
+                      f"{key}_delta_p": paired["p_value"]})
+    return {**block, "n": int(len(np.asarray(y_true))), "n_boot": int(n_boot), "seed": int(seed)}
+
+
 def holm_adjust(p_values: Sequence[float]) -> list[float]:
     """Return Holm–Bonferroni step-down adjusted p-values in the input order (monotone, at most 1).
 

@@ -5,7 +5,8 @@ columns PREDICTION_COLUMNS (path, true_label, pred_label, prob_<class> per class
 number of `<run>_results.json` from that file (record_predictions), so anyone can recompute them from it. The
 metrics with intervals in a results file are metrics.SCALAR_KEYS, named where they are computed. A network's run
 also saves the test images Grad-CAM explained, with their heatmaps, in `<run>_gradcam.npz` (GradcamExamples),
-so figures across models need no model loaded and nothing recomputed. Beside the test pass, a network's run keeps the
+so figures across models need no model loaded and nothing recomputed, and their scores per image (focus, deletion
+AUCs, sanity) in `<run>_explanations.csv`. Beside the test pass, a network's run keeps the
 predictions of other inputs in files of the same schema (predictions_path's variants): `<run>_val_predictions.csv`
 (the validation subset, which the temperature of calibration is fitted on) and `<run>_tta_predictions.csv` (the
 test images averaged over their rotations and flips).
@@ -66,6 +67,11 @@ def results_path(folder: str | Path, run: str) -> Path:
 def gradcam_path(folder: str | Path, run: str) -> Path:
     """`<folder>/<run>_gradcam.npz`: the Grad-CAM examples (see GradcamExamples)."""
     return Path(folder) / f"{run}_gradcam.npz"
+
+
+def explanations_path(folder: str | Path, run: str) -> Path:
+    """`<folder>/<run>_explanations.csv`: one row per explained test image with its explanation scores."""
+    return Path(folder) / f"{run}_explanations.csv"
 
 
 def figure_path(folder: str | Path, run: str, kind: str) -> Path:

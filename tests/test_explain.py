@@ -2,6 +2,8 @@
 
 Class 0 images carry a red blob, class 1 a blue blob, each at a random place; every image also carries a
 green blob that says nothing about the class. A faithful explanation must point at the coloured blob.
+Deletion is normalised on a fixed-weight network whose output depends on one known corner only, and the
+explanation set is checked to be stratified, seeded and the same for two different models.
 """
 
 import json
@@ -9,25 +11,36 @@ import shutil
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.errors import ConfigError, ModelError
+from bloodcell_lib.evaluation import explain_model, explanation_set
 from bloodcell_lib.explain import (
+    SCORE_KEYS,
     default_layer,
     deletion_auc,
     explain_summary,
+    feature_grid,
     focus_score,
     gradcam_heatmaps,
     gradcam_side_by_side,
     overlay_heatmap,
+    random_deletion_auc,
+    random_order_heatmaps,
     randomised_copy,
     sanity_check,
     spearman_per_image,
+    summarise_explanations,
 )
-from bloodcell_lib.results import GradcamExamples, write_gradcam
+from bloodcell_lib.model import build_model
+from bloodcell_lib.registry import ARCHITECTURES
+from bloodcell_lib.results import PROB_COLUMNS, GradcamExamples, explanations_path, write_gradcam
 from bloodcell_lib.synthetic import TINY_SET, load_manifest, make_synthetic_dataset
+
+from _tinynet import TINYNET
 
 SIZE, RADIUS = 32, 4
 
@@ -150,18 +163,156 @@ def test_deletion_of_salient_pixels_drops_the_probability_faster_than_random(blo
 
 def test_explain_summary_is_json_ready(blob):
     model, x, _, masks = blob
-    summary = explain_summary(model, x[:16], masks[:16], method="gradcam++", steps=5)
+    summary = explain_summary(model, x[:16], masks[:16], method="gradcam++", steps=5, n_boot=200)
     assert {"method", "layer", "focus_mean", "focus_median", "deletion_auc_mean", "sanity_spearman_mean",
-            "n_images", "deletion_auc_random_mean"} <= set(summary)
+            "n_images", "deletion_auc_random_mean", "bootstrap", "n_defined"} <= set(summary)
+    assert all(key in summary and len(summary[f"{key}_ci"]) == 2 for key in SCORE_KEYS)
     assert summary["n_images"] == 16 and summary["layer"] == "last_conv" and summary["method"] == "gradcam++"
+    assert summary["deletion_steps"] == 5 and summary["random_order"].startswith("seeded, on the layer's 16×16 grid")
     assert summary["focus_mean"] > 2 and summary["deletion_auc_mean"] < summary["deletion_auc_random_mean"]
+    assert summary["deletion_auc_normalised"] == pytest.approx(summary["deletion_auc"] / summary["deletion_auc_random"])
+    low, high = summary["deletion_auc_normalised_ci"]
+    assert low <= summary["deletion_auc_normalised"] <= high < 1.0  # the blob maps beat a random order
     json.dumps(summary)
     # Precomputed heatmaps are used as given (explaining the predicted class); no masks → no focus number.
     heat = gradcam_heatmaps(model, x[:16], method="gradcam++")
-    reused = explain_summary(model, x[:16], None, method="gradcam++", steps=5, heatmaps=heat)
-    assert reused["focus_mean"] is None
+    reused = explain_summary(model, x[:16], None, method="gradcam++", steps=5, heatmaps=heat, n_boot=0)
+    assert reused["focus_mean"] is None and reused["n_defined"]["focus"] == 0
     assert reused["deletion_auc_mean"] == pytest.approx(summary["deletion_auc_mean"], abs=1e-6)
     assert reused["sanity_spearman_mean"] == pytest.approx(summary["sanity_spearman_mean"], abs=1e-6)
+    assert np.isnan(reused["deletion_auc_ci"]).all()  # no resamples, no interval
+
+
+REGION = 8  # the top-left REGION×REGION corner is all region_net looks at
+
+
+def region_net():
+    """Fixed weights: class 0's logit margin is 4·(sum of the corner's channel means) − 6, so a corner of ones gives
+    p ≈ 1 and a corner replaced by the image's mean p ≈ 0; no other pixel matters."""
+    inp = keras.Input((SIZE, SIZE, 3))
+    h = keras.layers.Cropping2D(((0, SIZE - REGION), (0, SIZE - REGION)))(inp)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(h), name="regionnet")
+    model.layers[-1].set_weights([np.array([[2.0, -2.0]] * 3), np.array([-3.0, 3.0])])
+    return model
+
+
+def test_deletion_normalised_by_random_order_is_low_for_the_decisive_pixels_and_one_for_a_random_map():
+    model = region_net()
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.0, 0.3, (96, SIZE, SIZE, 3)).astype("float32")
+    x[:, :REGION, :REGION] += 1.0
+    classes = np.zeros(len(x), int)
+    assert model.predict(x, verbose=0)[:, 0].min() > 0.95
+    decisive = np.zeros(x.shape[:3], np.float32)
+    decisive[:, :REGION, :REGION] = 1.0
+    decisive += 0.01 * rng.random(decisive.shape, dtype=np.float32)  # ranks the corner first, the rest at random
+    reference = random_deletion_auc(model, x, classes, seed=0)
+    guided = deletion_auc(model, x, decisive, classes)
+    assert guided.mean() / reference.mean() < 0.25  # the corner goes in the first step: the probability collapses
+    random_map = deletion_auc(model, x, rng.random(decisive.shape, dtype=np.float32), classes, seed=1)
+    assert random_map.mean() / reference.mean() == pytest.approx(1.0, abs=0.1)
+    # On a coarse grid (blobs deleted, as Grad-CAM's upsampled maps delete) a random map of blobs is worth 1 too.
+    blobs = random_deletion_auc(model, x, classes, seed=2, grid=(8, 8))
+    random_blobs = deletion_auc(model, x, random_order_heatmaps(len(x), SIZE, SIZE, (8, 8), seed=9), classes)
+    assert random_blobs.mean() / blobs.mean() == pytest.approx(1.0, abs=0.15)
+    # The reference takes the steps and baseline asked for, like the map's curve.
+    zero = random_deletion_auc(model, x, classes, steps=4, baseline_value=0.0, seed=0)
+    assert not np.allclose(zero, reference)
+    assert deletion_auc(model, x, decisive, classes, steps=4, baseline_value=0.0).mean() / zero.mean() < 0.4
+    np.testing.assert_array_equal(reference, random_deletion_auc(model, x, classes, seed=0))  # seeded
+
+
+def test_random_order_heatmaps_are_seeded_and_follow_the_grid():
+    maps = random_order_heatmaps(3, 16, 16, seed=5)
+    assert maps.shape == (3, 16, 16) and maps.dtype == np.float32 and 0 <= maps.min() and maps.max() <= 1
+    np.testing.assert_array_equal(maps, random_order_heatmaps(3, 16, 16, seed=5))
+    assert not np.array_equal(maps, random_order_heatmaps(3, 16, 16, seed=6))
+    coarse = random_order_heatmaps(3, 16, 16, grid=(2, 2), seed=5)
+    # Bilinear from a 2×2 grid: each quadrant's corner pixel holds its grid value, and the map is smooth.
+    assert np.abs(np.diff(coarse, axis=1)).max() < 0.1 and len(np.unique(coarse[:, 0, 0])) == 3
+    np.testing.assert_array_equal(random_order_heatmaps(2, 8, 8, grid=(8, 8), seed=1),
+                                  random_order_heatmaps(2, 8, 8, seed=1))  # a grid as fine as the image: pixels
+
+
+def test_summary_values_and_group_bootstrap_intervals_by_hand():
+    scores = pd.DataFrame({"focus": [2.0, 2.0, 2.0, np.nan], "deletion_auc": [0.0, 0.0, 0.0, 1.0],
+                           "deletion_auc_random": [0.5, 0.5, 0.5, 0.5], "deletion_auc_normalised": [0, 0, 0, 2.0],
+                           "sanity_spearman": [0.1, 0.1, 0.1, 0.1]})
+    groups = ["a", "a", "a", "b"]  # three copies of one cell and one other cell
+    summary = summarise_explanations(scores, groups, n_boot=2000, seed=0)
+    assert summary["focus"] == 2.0 and summary["n_defined"]["focus"] == 3 and summary["focus_ci"] == [2.0, 2.0]
+    assert summary["deletion_auc"] == 0.25 and summary["deletion_auc_random"] == 0.5
+    assert summary["deletion_auc_normalised"] == 0.5  # ratio of the means, not the mean of the ratios (0.5 here too)
+    assert summary["sanity_spearman_ci"] == pytest.approx([0.1, 0.1])
+    # Resampling cells: a draws {a,a}, {a,b}, {b,b} (¼, ½, ¼) → deletion means 0, ¼, 1; the interval spans [0, 1].
+    assert summary["deletion_auc_ci"] == [0.0, 1.0] and summary["bootstrap"]["unit"] == "group"
+    # Resampling images as if independent: four 1s in a draw are rare (1/256), so the top stays at ¾.
+    assert summarise_explanations(scores, None, n_boot=2000, seed=0)["deletion_auc_ci"] == [0.0, 0.75]
+    json.dumps(summary, allow_nan=True)
+
+
+def _split_frame(seed=0):
+    """A split: every class 6 test images (3 cells × 2 copies) except 2 basophils, plus train and val rows."""
+    rows = []
+    for name in CLASSES:
+        cells = 1 if name == "basophil" else 3
+        rows += [(f"{name}/t{c}_{k}.jpg", name, f"{name}-t{c}", "test") for c in range(cells) for k in range(2)]
+        rows += [(f"{name}/{s}{i}.jpg", name, f"{name}-{s}{i}", s) for s in ("train", "val") for i in range(4)]
+    frame = pd.DataFrame(rows, columns=["path", "label", "group", "subset"])
+    return frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
+def test_explanation_set_is_stratified_seeded_and_a_function_of_the_test_rows_alone():
+    split = _split_frame()
+    chosen = explanation_set(split, 12, seed=3)
+    counts = chosen["label"].value_counts()
+    assert len(chosen) == 12 and set(chosen["subset"]) == {"test"} and chosen["path"].is_unique
+    assert counts["basophil"] == 2 and sorted(counts.drop("basophil")) == [2, 2, 3, 3]  # scarce: the rest fill up
+    assert list(chosen["label"]) == sorted(chosen["label"], key=CLASSES.index)  # grouped by class
+    # One image per cell before any second copy: up to three picks of a class are different cells (the basophils
+    # are two copies of one cell, all there is).
+    assert all(chosen[chosen["label"] == c]["group"].is_unique for c in counts.index if c != "basophil")
+    # Deterministic, independent of the split file's row order, changed by the seed.
+    assert chosen["path"].tolist() == explanation_set(_split_frame(seed=1), 12, seed=3)["path"].tolist()
+    assert chosen["path"].tolist() != explanation_set(split, 12, seed=4)["path"].tolist()
+    # A smaller set is the first of each class of the larger one.
+    assert set(explanation_set(split, 5, seed=3)["path"]) <= set(chosen["path"])
+    assert len(explanation_set(split, 1000, seed=3)) == (split["subset"] == "test").sum()
+
+
+def test_every_model_is_explained_on_the_same_set_whatever_it_predicts(tiny_set, tmp_path, monkeypatch):
+    monkeypatch.setitem(ARCHITECTURES, TINYNET.key, TINYNET)
+    manifest = load_manifest(tiny_set)
+    split = pd.DataFrame({"path": manifest["file"], "label": manifest["class"], "group": manifest["cell_id"],
+                          "subset": "test"})
+    split.attrs["data_root"] = str(tiny_set)
+    true = split["label"].map(CLASSES.index).to_numpy()
+    blocks = []
+    for seed, shift in ((0, 0), (1, 2)):  # two different networks, one right, one wrong on every image
+        keras.utils.set_random_seed(seed)
+        model = build_model("tinynet", image_size=32, weights=None)
+        proba = np.eye(len(CLASSES))[(true + shift) % len(CLASSES)]
+        frame = pd.DataFrame({"path": split["path"], "true_label": split["label"],
+                              "pred_label": [CLASSES[i] for i in proba.argmax(axis=1)], "group": split["group"],
+                              **dict(zip(PROB_COLUMNS, proba.T))})
+        out = tmp_path / f"run{seed}"
+        out.mkdir()
+        blocks.append(explain_model(model, split, frame, out, "tinynet", 10, seed=7, make_figures=False, n_boot=50))
+        per_image = pd.read_csv(explanations_path(out, "tinynet"))
+        assert per_image["path"].tolist() == blocks[-1]["image_paths"]
+        assert [f"gradcam_{k}" for k in SCORE_KEYS] == [c for c in per_image.columns if c.startswith("gradcam_")]
+        assert (per_image["pred_label"] == frame.set_index("path").loc[per_image["path"], "pred_label"].values).all()
+    first, second = blocks
+    assert first["image_paths"] == second["image_paths"] and first["image_set"] == second["image_set"]
+    assert first["image_set"]["per_class"] == {name: 2 for name in CLASSES} and first["image_set"]["n_groups"] == 10
+    assert first["image_paths"] == explanation_set(split, 10, seed=7)["path"].tolist()
+    for block in blocks:
+        for method in ("gradcam", "gradcam++"):
+            assert block[method]["n_images"] == 10 and block[method]["bootstrap"]["unit"] == "group"
+            assert all(len(block[method][f"{key}_ci"]) == 2 for key in SCORE_KEYS)
+    assert first["gradcam"]["deletion_auc_random"] == first["gradcam++"]["deletion_auc_random"]  # one reference
+    assert feature_grid(model) == (32, 32)
 
 
 def test_saved_and_reloaded_model_gives_the_same_maps(blob, tmp_path):
