@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Iterator
 
 from bloodcell_lib.quiet import native_stderr_to
 
@@ -32,13 +32,11 @@ from bloodcell_lib.quiet import native_stderr_to
 # past any Python setting: they are kept here and written to logs/run_all.log once the output folder is known.
 _STARTUP_LOG = tempfile.TemporaryFile()
 with native_stderr_to(_STARTUP_LOG):
-    import papermill
-    from jupyter_client.manager import AsyncKernelManager
-
     from bloodcell_lib.atomic import write_text
-    from bloodcell_lib.config import AUTO, DEFAULT_OUTPUT, PROFILES, RunConfig, resolve
+    from bloodcell_lib.config import AUTO, CV_FOLDER, DEFAULT_OUTPUT, PROFILES, RunConfig, resolve
     from bloodcell_lib.dataset import find_data_root
-    from bloodcell_lib.errors import BloodcellError
+    from bloodcell_lib.errors import BloodcellError, ConfigError
+    from bloodcell_lib.executor import EXECUTORS, JobResult, NotebookJob, check_executor, run_jobs, run_notebook
     from bloodcell_lib.leakage import measure_leakage
     from bloodcell_lib.progress import HEADLESS_ENV, PROGRESS_ENV, RunClock, clock_time, progress_line, timing
     from bloodcell_lib.registry import ARCHITECTURES
@@ -47,9 +45,6 @@ HERE = Path(__file__).resolve().parent
 NOTEBOOKS = HERE / "notebooks"
 LOGS = "logs"  # inside the output folder: one log per notebook of what its kernel wrote outside the notebook
 PROGRESS_FILE = "progress.jsonl"
-# ipykernel copies what C code writes on descriptors 1 and 2 into the cell's outputs (and onto its own stderr);
-# without that copy, TensorFlow's C++ lines stay on the kernel's stderr, which goes to the log.
-KERNEL_ARGUMENTS = ["--IPKernelApp.capture_fd_output=False"]
 
 
 def model_notebooks() -> dict[str, Path]:
@@ -69,6 +64,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                          f"{DEFAULT_OUTPUT} beside run_all.py)")
     parser.add_argument("--leakage", metavar="ARCH",
                         help="also train ARCH on an image-level split to measure how much leakage inflates accuracy")
+    parser.add_argument("--folds", type=int, metavar="K",
+                        help="grouped, stratified K-fold cross-validation instead of the single hold-out: every "
+                             "model once per fold (and seed), out-of-fold results in OUTPUT/cv/")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                        help="with --folds: repeat the cross-validation with these seeds (other folds, other "
+                             "initialisations); default: the profile's seed")
+    parser.add_argument("--train-fractions", type=float, nargs="+", metavar="F",
+                        help="learning curve: also train on these shares (0 < F ≤ 1) of the training cells, each "
+                             "tested on the study's test cells (OUTPUT/learning_curve/)")
+    parser.add_argument("--ablation", choices=("scratch",),
+                        help="scratch: also train every model from random initialisation with the same budget, at "
+                             "every --train-fractions share (default 1.0): does transfer learning help?")
+    parser.add_argument("--executor", default="sequential", choices=EXECUTORS,
+                        help="sequential (default): one notebook after another here; ray: one Ray task per "
+                             "notebook run (pip install -e .[ray]), retried when its worker dies")
+    parser.add_argument("--address", help="with --executor ray: the cluster to join (e.g. auto); default: a local "
+                                          "Ray instance on this machine")
     return parser.parse_args(argv)
 
 
@@ -94,36 +106,6 @@ def kernel_environment(output: Path) -> dict[str, str]:
     live bar (progress.fit_verbose), and TensorFlow's C++ logging without INFO and WARNING lines."""
     return {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), HEADLESS_ENV: "1",
             PROGRESS_ENV: str(output / PROGRESS_FILE)}
-
-
-def logged_kernel_manager(log_path: Path, env: dict[str, str]) -> type[AsyncKernelManager]:
-    """A kernel manager class whose kernels write their stdout and stderr to log_path and get `env` added to
-    the environment (papermill takes a kernel manager class, not a log file)."""
-
-    class LoggedKernelManager(AsyncKernelManager):
-        async def start_kernel(self, **kw: Any) -> None:
-            kw["env"] = {**kw.get("env", os.environ), **env}
-            with open(log_path, "ab") as log:  # the kernel holds its own copy of the descriptor
-                await super().start_kernel(**kw, stdout=log, stderr=log)
-
-    return LoggedKernelManager
-
-
-def run_notebook(source: Path, target: Path, parameters: dict, log_path: Path | None = None,
-                 env: dict[str, str] | None = None) -> tuple[bool, float, str]:
-    """Execute one notebook with papermill, its kernel's own output going to log_path; return (ok, seconds,
-    error text)."""
-    start = time.perf_counter()
-    log_path = log_path or target.with_suffix(".log")
-    try:
-        papermill.execute_notebook(str(source), str(target), parameters=parameters, cwd=str(source.parent),
-                                   kernel_name="python3", progress_bar=False, log_output=False,
-                                   kernel_manager_class=logged_kernel_manager(log_path, env or {}),
-                                   extra_arguments=KERNEL_ARGUMENTS)
-        return True, time.perf_counter() - start, ""
-    except Exception as exc:  # noqa: BLE001 — one failing notebook must not stop the others
-        message = str(exc).strip().splitlines()
-        return False, time.perf_counter() - start, message[-1] if message else exc.__class__.__name__
 
 
 class ProgressPrinter:
@@ -184,17 +166,97 @@ class ProgressPrinter:
                     print(line, file=self.out, flush=True)
 
 
-def run_step(i: int, total: int, source: Path, executed: Path, parameters: dict, printer: ProgressPrinter,
-             env: dict[str, str]) -> tuple[str, bool, float, str]:
-    """Run one notebook with a line before, progress lines while it runs, and a line after; return its summary
+def notebook_job(label: str, source: Path, executed: Path, parameters: dict, env: dict[str, str]) -> NotebookJob:
+    """One notebook run: executed into executed/<label>.ipynb, its kernel's own output in OUTPUT/logs/<label>.log."""
+    return NotebookJob(label, source, executed / f"{label}.ipynb", parameters, executed.parent / LOGS / f"{label}.log",
+                       env)
+
+
+def study_jobs(args: argparse.Namespace, cfg: RunConfig, models: dict[str, Path], executed: Path,
+               parameters: dict, env: dict[str, str]) -> list[NotebookJob]:
+    """The model notebook runs of the study, in order: the hold-out run of every model (or, with --folds, one run
+    per seed, fold and model), then the learning-curve points (--train-fractions, --ablation scratch)."""
+    jobs = []
+    if args.folds:
+        for seed in args.seeds or [cfg.seed]:
+            for fold in range(1, args.folds + 1):
+                for source in models.values():
+                    jobs.append(notebook_job(f"{source.stem}-seed{seed}-fold{fold}of{args.folds}", source, executed,
+                                             {**parameters, "SEED": seed, "FOLDS": args.folds, "FOLD": fold}, env))
+        return jobs
+    jobs += [notebook_job(source.stem, source, executed, parameters, env) for source in models.values()]
+    fractions = args.train_fractions or ([1.0] if args.ablation else [])
+    points = [(f, None) for f in fractions if f != 1.0]  # the study's own weights; at 1.0 that is the study itself
+    if args.ablation == "scratch" and cfg.weights is not None:
+        points += [(f, "none") for f in fractions]
+    elif args.ablation == "scratch":
+        print("NOTE: --ablation scratch: this profile already trains from random initialisation, so the study's own "
+              "runs are the scratch curve.")
+    for fraction, weights in points:
+        for source in models.values():
+            init = "scratch" if weights else "study-weights"
+            extra = {"TRAIN_FRACTION": fraction, "CURVE_POINT": True, **({"WEIGHTS": weights} if weights else {})}
+            jobs.append(notebook_job(f"{source.stem}-{init}-frac{fraction:g}", source, executed,
+                                     {**parameters, **extra}, env))
+    return jobs
+
+
+def done_before(job: NotebookJob, output: Path) -> bool:
+    """A fold or learning-curve run whose results are already in its folder (a rerun resumes the study there)."""
+    params = job.parameters
+    if params.get("FOLDS"):
+        folder = output / CV_FOLDER / f"seed{params['SEED']}-fold{params['FOLD']}of{params['FOLDS']}"
+    else:
+        return False
+    key = next((k for k, p in model_notebooks().items() if p == job.source), None)
+    return key is not None and (folder / f"{key}_results.json").is_file()
+
+
+def run_study(jobs: list[NotebookJob], printer: ProgressPrinter, executor: str, address: str | None,
+              output: Path) -> list[tuple[str, bool, float, str]]:
+    """Run the jobs with the executor: a line before and after each, progress lines while one runs (sequential);
+    a fold already done (its results in its folder) is skipped with a line. Return their summary rows."""
+    total = len(jobs) + 1
+    index = {job.label: i for i, job in enumerate(jobs, 1)}
+    skipped = [job for job in jobs if done_before(job, output)]
+    for job in skipped:
+        print(f"[{index[job.label]}/{total}] {job.label}: already done (its results are in its folder); skipped",
+              flush=True)
+        printer.clock.finish(job.label)
+    todo = [job for job in jobs if job not in skipped]
+    running: dict[str, contextlib.ExitStack] = {}
+
+    def started(job: NotebookJob) -> None:
+        print(f"[{index[job.label]}/{total}] {job.label} ...", flush=True)
+        if executor == "sequential":  # one at a time: the progress events belong to this job
+            running[job.label] = contextlib.ExitStack()
+            running[job.label].enter_context(printer.running(job.label))
+
+    def finished(job: NotebookJob, run: JobResult) -> None:
+        if job.label in running:
+            running.pop(job.label).close()
+        else:
+            printer.clock.finish(job.label)
+        retried = f", {run.attempts} attempts" if run.attempts > 1 else ""
+        result = "ok" if run.ok else f"FAILED: {run.error} (executed notebook {job.target}, kernel log {job.log_path})"
+        print(f"[{index[job.label]}/{total}] {job.label} {result} ({run.seconds:.0f} s{retried}) — "
+              f"{timing(printer.clock)}", flush=True)
+
+    runs = {run.label: run for run in run_jobs(todo, executor=executor, address=address, on_start=started,
+                                               on_done=finished)}
+    return [(job.label, True, 0.0, "skipped: done before") if job in skipped else
+            (job.label, runs[job.label].ok, runs[job.label].seconds, runs[job.label].error) for job in jobs]
+
+
+def run_step(i: int, total: int, job: NotebookJob, printer: ProgressPrinter) -> tuple[str, bool, float, str]:
+    """Run one notebook here with a line before, progress lines while it runs, and a line after; return its summary
     row."""
-    log_path = executed.parent / LOGS / f"{source.stem}.log"
-    print(f"[{i}/{total}] {source.name} ...", flush=True)
-    with printer.running(source.stem):
-        ok, seconds, error = run_notebook(source, executed / source.name, parameters, log_path, env)
-    result = "ok" if ok else f"FAILED: {error} (executed notebook {executed / source.name}, kernel log {log_path})"
-    print(f"[{i}/{total}] {source.name} {result} ({seconds:.0f} s) — {timing(printer.clock)}", flush=True)
-    return source.name, ok, seconds, error
+    print(f"[{i}/{total}] {job.label} ...", flush=True)
+    with printer.running(job.label):
+        run = run_notebook(job)
+    result = "ok" if run.ok else f"FAILED: {run.error} (executed notebook {job.target}, kernel log {job.log_path})"
+    print(f"[{i}/{total}] {job.label} {result} ({run.seconds:.0f} s) — {timing(printer.clock)}", flush=True)
+    return job.label, run.ok, run.seconds, run.error
 
 
 @contextlib.contextmanager
@@ -237,6 +299,17 @@ def check_arguments(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """
     cfg = resolve(args.profile, stand_in=True, default_output=str(HERE / DEFAULT_OUTPUT), data_dir=args.data_dir,
                   epochs=args.epochs, output_dir=args.output)  # ConfigError: epochs < 1, paper without data
+    if args.folds is not None and args.folds < 2:
+        raise ConfigError(f"--folds needs at least 2 folds, got {args.folds}.")
+    if args.seeds and not args.folds:
+        raise ConfigError("--seeds repeats a cross-validation: give --folds K with it.")
+    if args.folds and (args.train_fractions or args.ablation):
+        raise ConfigError("--folds and --train-fractions/--ablation are separate studies: run them one at a time "
+                          "(into different --output folders).")
+    bad = [f for f in args.train_fractions or [] if not 0.0 < f <= 1.0]
+    if bad:
+        raise ConfigError(f"--train-fractions are shares of the training cells in (0, 1], got {bad}.")
+    check_executor(args.executor)  # ExecutorError: Ray asked for but not installed
     if args.data_dir is not None:
         find_data_root(args.data_dir)  # DatasetError: missing, a file, or no class folders in it
     output = cfg.output_path.expanduser().resolve()
@@ -248,7 +321,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[RunConfig, Path]:
 def comparison_row(row: tuple[str, bool, float, str], output: Path, since: float) -> tuple[str, bool, float, str]:
     """The Comparison's summary row: a comparison without any model results of this run is a failure of the run."""
     name, ok, seconds, error = row
-    models = [p for p in output.glob("*_results.json")
+    models = [p for p in [*output.glob("*_results.json"), *(output / CV_FOLDER).glob("*_results.json")]
               if not p.name.startswith("shortcut_baseline") and p.stat().st_mtime >= since - 2]
     if ok and not models:
         error = f"no model results: no model notebook of this run wrote its results to {output}"
@@ -273,8 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
     # The notebooks get what was resolved here as explicit parameters; EPOCHS None keeps their profile's.
     parameters = {"DATA_DIR": data_dir, "PROFILE": cfg.profile, "EPOCHS": args.epochs, "OUTPUT_DIR": str(output)}
-    print(f"Profile {cfg.profile} ({cfg.why('profile')}); output {output}; {len(models)} model notebook(s)"
-          f"{', a leakage run' if args.leakage else ''} then Comparison.")
+    plan = (f"{args.folds}-fold cross-validation × {len(args.seeds or [cfg.seed])} seed(s) of " if args.folds else "")
+    print(f"Profile {cfg.profile} ({cfg.why('profile')}); output {output}; {plan}{len(models)} model notebook(s)"
+          f"{', learning-curve runs' if args.train_fractions or args.ablation else ''}"
+          f"{', a leakage run' if args.leakage else ''} then Comparison"
+          f"{'' if args.executor == 'sequential' else f' (executor {args.executor})'}.")
     for line in cfg.note_lines():
         print(line)
     logs = output / LOGS
@@ -284,26 +360,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Progress below; what the kernels print outside the notebooks (TensorFlow's start-up lines, Jupyter's "
           f"warnings) is in {logs}.", flush=True)
 
-    total = len(models) + 1
     started = time.time()
     env = kernel_environment(output)
-    planned = {source.stem: cfg.epochs for source in models.values()}
+    jobs = study_jobs(args, cfg, models, executed, parameters, env)
+    planned = {job.label: cfg.epochs for job in jobs}
     if args.leakage:
         planned[f"leakage ({args.leakage})"] = cfg.epochs
     with ProgressPrinter(output / PROGRESS_FILE, RunClock(planned, started)) as printer:
-        results = [run_step(i, total, source, executed, parameters, printer, env)
-                   for i, source in enumerate(models.values(), 1)]
+        results = run_study(jobs, printer, args.executor, args.address, output)
         if args.leakage:
             results.append(run_leakage(output, args.leakage, cfg.profile, args.epochs, printer, env))
-        results.append(comparison_row(run_step(total, total, NOTEBOOKS / "Comparison.ipynb", executed,
-                                               {"OUTPUT_DIR": str(output)}, printer, env), output, started))
+        total = len(jobs) + 1
+        comparison = notebook_job("Comparison", NOTEBOOKS / "Comparison.ipynb", executed, {"OUTPUT_DIR": str(output)},
+                                  env)
+        results.append(comparison_row(run_step(total, total, comparison, printer), output, started))
 
     failed = [r for r in results if not r[1]]
     print(f"\nSummary (total {clock_time(time.time() - started)})")
     for name, ok, seconds, error in results:
         print(f"  {'ok    ' if ok else 'FAILED'} {name:24s} {seconds:7.0f} s {error}")
-    print(f"Executed notebooks in {executed}; comparison table in {output / 'comparison.md'}; "
-          f"report in {output / 'comparison.html'}")
+    shown = output / CV_FOLDER if args.folds else output
+    print(f"Executed notebooks in {executed}; comparison table in {shown / 'comparison.md'}; "
+          f"report in {shown / 'comparison.html'}")
     return 1 if failed else 0
 
 

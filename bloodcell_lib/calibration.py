@@ -97,20 +97,40 @@ def calibration_report(
     fitted = _nll(y_v, logits_val, 1.0 / temperature)
     at_bound = any(_nll(y_v, logits_val, 1.0 / bound) <= fitted + 1e-12 for bound in TEMPERATURE_BOUNDS)
     p_after = apply_temperature(p_test, temperature)
-    change: dict[str, dict[str, Any]] = {}
-    for key in CALIBRATION_KEYS:
-        # a = after, b = before: the same resamples for both, swaps within whole groups for the p-value.
-        paired = paired_comparison(y_t, p_after, p_test, groups=groups, metric=key, n_boot=n_boot, seed=seed,
-                                   ci=ci)
-        change[key] = {"delta": paired["delta"], "ci": paired["ci"], "p_value": paired["p_value"]}
     return {
         "temperature": temperature,
         "temperature_at_bound": bool(at_bound),
         "n_val": int(len(y_v)),
+        **calibration_change(y_t, p_test, p_after, groups=groups, n_boot=n_boot, seed=seed, ci=ci),
+    }
+
+
+def calibration_change(
+    y_test: Sequence[Any],
+    proba_before: np.ndarray,
+    proba_after: np.ndarray,
+    groups: Sequence[Any] | None = None,
+    n_boot: int = 0,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> dict[str, Any]:
+    """Score test probabilities before and after a calibration: n_test, n_groups, `before`, `after` (ece,
+    classwise_ece, brier, log_loss, accuracy), `change` (after − before per calibration score with a paired
+    group-bootstrap interval and a group sign-flip p-value; negative = better calibrated), n_boot, seed, unit,
+    method. Used by calibration_report and by the out-of-fold scores of a cross-validation (each fold's own T)."""
+    y_t, p_test = check_inputs(y_test, proba_before)
+    change: dict[str, dict[str, Any]] = {}
+    paired: dict[str, Any] = {}
+    for key in CALIBRATION_KEYS:
+        # a = after, b = before: the same resamples for both, swaps within whole groups for the p-value.
+        paired = paired_comparison(y_t, proba_after, p_test, groups=groups, metric=key, n_boot=n_boot, seed=seed,
+                                   ci=ci)
+        change[key] = {"delta": paired["delta"], "ci": paired["ci"], "p_value": paired["p_value"]}
+    return {
         "n_test": int(len(y_t)),
         "n_groups": int(paired["n_groups"]),
         "before": calibration_scores(y_t, p_test),
-        "after": calibration_scores(y_t, p_after),
+        "after": calibration_scores(y_t, proba_after),
         "change": change,
         "n_boot": int(n_boot),
         "seed": int(seed),

@@ -94,18 +94,16 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from bloodcell_lib.baseline import ensure_shortcut_baseline
-    from bloodcell_lib.compare import compare_results
+    from bloodcell_lib.compare import compare_study
     from bloodcell_lib.report import write_comparison_report
-    from bloodcell_lib.split import SPLIT_FILE
 
-    split_path = Path(args.results_dir) / SPLIT_FILE
-    if split_path.exists():  # the baseline stands beside the networks: trained on the study's split when missing
-        ensure_shortcut_baseline(split_path, args.results_dir)
-    comparison = compare_results(args.results_dir)
+    # The baseline is trained on the study's split when missing; cross-validation folds are combined in cv/.
+    comparison, folder, cross = compare_study(args.results_dir)
+    if cross is not None and cross is not comparison:
+        print(f"(The cross-validated comparison is in {folder.parent / 'cv'}.)")
     print(comparison.to_markdown())
-    paths = comparison.save(args.results_dir)
-    paths["html"] = write_comparison_report(args.results_dir, comparison)
+    paths = comparison.save(folder)
+    paths["html"] = write_comparison_report(folder, comparison)
     print("Saved " + ", ".join(str(path) for path in paths.values()))
     return 0
 

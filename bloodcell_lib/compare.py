@@ -37,11 +37,14 @@ import pandas as pd
 
 from bloodcell_lib.atomic import write_text
 from bloodcell_lib.baseline import RUN_NAME as BASELINE_RUN
-from bloodcell_lib.baseline import baseline_resampling
+from bloodcell_lib.baseline import baseline_resampling, ensure_shortcut_baseline
+from bloodcell_lib.crossval import collect_cross_validation, cv_path
+from bloodcell_lib.learning_curve import write_learning_curve
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.metrics import SCALAR_KEYS, compute_metrics, holm_adjust, mcnemar_p, paired_comparison
 from bloodcell_lib.registry import ARCHITECTURES
-from bloodcell_lib.results import PROB_COLUMNS, predictions_path, read_predictions, read_results, results_files, run_of
+from bloodcell_lib.results import (PROB_COLUMNS, predictions_path, read_predictions, read_results, results_files,
+                                   run_of)
 from bloodcell_lib.shortcut import SHORTCUT_MARGIN, reads_background
 from bloodcell_lib.split import SPLIT_FILE, split_sha256
 
@@ -91,6 +94,7 @@ class Comparison:
     missing: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     ensemble_members: list[str] = field(default_factory=list)
+    folder: Path | None = None  # where it was saved (compare_study): the study's folder, or its cv/
 
     def ranked(self) -> pd.DataFrame:
         """The ranked CNN rows (group split, the majority split file), best macro-F1 first."""
@@ -261,10 +265,39 @@ def compare_results(results_dir: str | Path, expected: list[str] | None = None,
     paired, paired_problems = paired_tests(table, tested, n_boot=n_boot, seed=seed)
     mcnemar, mc_problems = mcnemar_matrix(preds)
     found = (problems + untrained_problems + split_problems + read_problems + ensemble_problems + paired_problems
-             + mc_problems)
+             + mc_problems + explanation_set_problems(table))
     return Comparison(table=table, paired=paired, mcnemar=mcnemar, leakage=leakage_table(runs), missing=missing,
                       problems=list(dict.fromkeys(found)),
                       ensemble_members=members if ensemble is not None else [])
+
+
+def compare_study(output_dir: str | Path) -> tuple[Comparison, Path, Comparison | None]:
+    """Compare a study folder as the Comparison notebook and `compare` do: train the shortcut baseline on the
+    study's split when its results are missing, combine cross-validation folds (crossval.py) into `<output>/cv/`,
+    write the learning curve (learning_curve.py) when there are curve points, build and save the hold-out comparison and, when there are folds, the cross-validated one in `cv/`.
+
+    Returns (the comparison to show, the folder it belongs to, the cross-validated comparison or None): the
+    cross-validated one is shown when the folder holds no hold-out model results.
+    """
+    output_dir = Path(output_dir)
+    split_path = output_dir / SPLIT_FILE
+    if split_path.exists():  # the baseline stands beside the networks: trained on the study's split when missing
+        ensure_shortcut_baseline(split_path, output_dir)
+    cv_problems = collect_cross_validation(output_dir)
+    holdout = compare_results(output_dir)
+    holdout.folder = output_dir
+    _, curve_problems = write_learning_curve(output_dir)  # learning_curve.csv/.png when there are curve points
+    holdout.problems = list(dict.fromkeys([*holdout.problems, *curve_problems]))
+    cross = None
+    if results_files(cv_path(output_dir)):
+        cross = compare_results(cv_path(output_dir))
+        cross.problems = list(dict.fromkeys([*cv_problems, *cross.problems]))
+        cross.folder = cv_path(output_dir)
+        cross.save(cv_path(output_dir))
+        if holdout.table["run"].isin([BASELINE_RUN]).all():  # no hold-out models: the study is the cross-validation
+            return cross, cv_path(output_dir), cross
+    holdout.save(output_dir)
+    return holdout, output_dir, cross
 
 
 # From results["calibration"]: the temperature fitted on validation and the test scores before (`ece` is also a
@@ -278,12 +311,17 @@ TTA_COLUMNS = ["tta_macro_f1", "tta_macro_f1_ci", "tta_accuracy", "tta_accuracy_
 SHORTCUT_COLUMNS = ["background_only_accuracy", "background_only_accuracy_ci", "cell_only_accuracy",
                     "cell_only_accuracy_ci", "shortcut_chance", "reads_background"]
 
+# From results["cv"] (a cross-validated run, crossval.py): folds, seeds, and the fold runs' mean and sd.
+CV_COLUMNS = ["cv_folds", "cv_seeds", "cv_macro_f1_mean", "cv_macro_f1_sd", "cv_accuracy_mean", "cv_accuracy_sd"]
+
 TABLE_COLUMNS = [
     "model", "run", "architecture", "split_by", "split_sha256", "rank", "weights", "image_size", "n_test",
     *[c for k in SCALAR_KEYS for c in (k, f"{k}_ci")],
     "leakage_audit", "leakage_audit_n_test",
     *CALIBRATION_COLUMNS, *TTA_COLUMNS, *SHORTCUT_COLUMNS,
-    "gradcam_focus", "gradcam_deletion_auc", "gradcam_sanity_spearman",
+    "gradcam_focus", "gradcam_focus_ci", "gradcam_deletion_auc", "gradcam_deletion_normalised",
+    "gradcam_deletion_normalised_ci", "gradcam_sanity_spearman", "explanation_set_sha256", "explanation_set_n",
+    *CV_COLUMNS,
     "params_total", "params_trainable", "flops_per_image", "keras_file_mb", "training_seconds", "epochs",
     "latency_ms", "throughput_batch32", "device",
 ]
@@ -310,7 +348,12 @@ def table_row(results: dict[str, Any]) -> dict[str, Any]:
         "leakage_audit": audit.get("test_images_with_match_in_train"),
         "leakage_audit_n_test": audit.get("n_test"),
         "gradcam_focus": cam.get("focus_mean"),
+        "gradcam_focus_ci": cam.get("focus_ci"),
         "gradcam_deletion_auc": cam.get("deletion_auc_mean"),
+        "gradcam_deletion_normalised": cam.get("deletion_auc_normalised"),
+        "gradcam_deletion_normalised_ci": cam.get("deletion_auc_normalised_ci"),
+        "explanation_set_sha256": ((results.get("explainability") or {}).get("image_set") or {}).get("paths_sha256"),
+        "explanation_set_n": ((results.get("explainability") or {}).get("image_set") or {}).get("n"),
         "gradcam_sanity_spearman": cam.get("sanity_spearman_mean"),
         "params_total": cost.get("params_total"),
         "params_trainable": cost.get("params_trainable"),
@@ -328,6 +371,9 @@ def table_row(results: dict[str, Any]) -> dict[str, Any]:
     row.update(calibration_columns(results.get("calibration") or {}))
     row.update(tta_columns(results.get("tta") or {}))
     row.update(shortcut_columns(results.get("shortcut_test") or {}))
+    cv = results.get("cv") or {}
+    row.update({"cv_folds": cv.get("folds"), "cv_seeds": len(cv["seeds"]) if cv.get("seeds") else None,
+                **{column: cv.get(column[3:]) for column in CV_COLUMNS[2:]}})
     return row
 
 
@@ -360,6 +406,18 @@ def shortcut_columns(block: dict[str, Any]) -> dict[str, Any]:
             "cell_only_accuracy": cell.get("accuracy"), "cell_only_accuracy_ci": cell.get("accuracy_ci"),
             "shortcut_chance": block.get("chance"),
             "reads_background": reads_background(bg, block["chance"], block.get("margin", SHORTCUT_MARGIN))}
+
+
+def explanation_set_problems(table: pd.DataFrame) -> list[str]:
+    """The networks explained on another image set than the others (Grad-CAM numbers compare only on one set)."""
+    sets = table.dropna(subset=["explanation_set_sha256"])
+    if sets["explanation_set_sha256"].nunique() <= 1:
+        return []
+    common = sets["explanation_set_sha256"].mode().iloc[0]
+    odd = sets[sets["explanation_set_sha256"] != common]
+    return [f"{row['model']}: explained on another image set ({row['explanation_set_n']:.0f} images, "
+            f"{row['explanation_set_sha256'][:12]}) than the others ({common[:12]}); its Grad-CAM numbers do not "
+            "compare with theirs (another split, seed or gradcam_images)" for _, row in odd.iterrows()]
 
 
 def split_mismatches(runs: dict[str, dict], results_dir: Path) -> tuple[set[str], list[str]]:
@@ -481,6 +539,9 @@ def read_run_predictions(results_dir: Path, runs: dict[str, dict]) -> tuple[dict
                             "split file); each image is treated as its own group, so its paired intervals and "
                             "p-values ignore copies of one cell")
             groups, source = frame["path"], NO_GROUPS
+        if "seed" in frame.columns and frame["seed"].nunique() > 1:
+            # Out-of-fold predictions of several seeds hold each image once per seed: one row per (image, seed).
+            frame = frame.assign(path=frame["path"].astype(str) + "#seed" + frame["seed"].astype(str))
         preds[name] = frame.assign(pred=frame[PROB_COLUMNS].to_numpy().argmax(axis=1), group=groups.to_numpy(),
                                    groups_from=source).set_index("path")
     return preds, problems
@@ -606,12 +667,16 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
                         "size": table["image_size"].map(lambda v: "—" if pd.isna(v) else str(int(v)))})
     for key in ("macro_f1", "accuracy", "roc_auc_macro", "myeloblast_recall", "ece"):
         out[key] = [_fmt_ci(row, key) for _, row in table.iterrows()]
+        if key == "macro_f1" and table["cv_folds"].notna().any():  # a cross-validated study
+            out["macro_f1 folds mean ± sd"] = [_fmt_mean_sd(r["cv_macro_f1_mean"], r["cv_macro_f1_sd"])
+                                              for _, r in table.iterrows()]
     out["ece T-scaled"] = table["ece_calibrated"].map(_fmt_num)
     out["TTA macro_f1"] = [_fmt_ci(row, "tta_macro_f1") for _, row in table.iterrows()]
     out["background-only acc"] = [_fmt_ci(row, "background_only_accuracy") for _, row in table.iterrows()]
     out["reads background"] = table["reads_background"].map(_fmt_flag)
     out["leakage audit"] = [_fmt_audit(k, n) for k, n in zip(table["leakage_audit"], table["leakage_audit_n_test"])]
-    out["focus"] = table["gradcam_focus"].map(_fmt_num)
+    out["focus"] = [_fmt_ci(row, "gradcam_focus") for _, row in table.iterrows()]
+    out["deletion ÷ random"] = [_fmt_ci(row, "gradcam_deletion_normalised") for _, row in table.iterrows()]
     out["sanity ρ"] = table["gradcam_sanity_spearman"].map(_fmt_num)
     out["params (M)"] = table["params_total"].map(lambda v: _fmt_num(v / 1e6 if _is_num(v) else None, 2))
     out["GFLOPs"] = table["flops_per_image"].map(lambda v: _fmt_num(v / 1e9 if _is_num(v) else None, 2))
@@ -700,6 +765,10 @@ def _paired_row(paired: pd.DataFrame, run_a: str, run_b: str) -> pd.Series | Non
         row["model_a"], row["model_b"] = row["model_b"], row["model_a"]
         row["delta"], row["ci_low"], row["ci_high"] = -row["delta"], -row["ci_high"], -row["ci_low"]
     return row
+
+
+def _fmt_mean_sd(mean: Any, sd: Any) -> str:
+    return f"{mean:.3f} ± {sd:.3f}" if _is_num(mean) and _is_num(sd) else "—"
 
 
 def _cell(v: Any) -> str:

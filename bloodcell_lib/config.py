@@ -98,6 +98,19 @@ class RunConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_by: str = "group"
+    # Grouped cross-validation (crossval.py): this run is fold `fold` of `folds` (test = that fold's cells, val
+    # carved from the rest); None → the single hold-out split. The seed makes the folds.
+    folds: int | None = None
+    fold: int | None = None
+    # Learning curve (learning_curve.py): train on this share of the study split's training cells (whole duplicate
+    # groups, stratified by class); val and test stay the study's.
+    train_fraction: float = 1.0
+    # A learning-curve point (also at train_fraction 1.0, e.g. the from-scratch ablation of a pretrained study):
+    # the run gets its own folder learning_curve/<init>-frac<f> and trains on the study's split.
+    curve_point: bool = False
+    # The study's output folder when this run writes into a folder of its own inside it (a fold, a learning-curve
+    # point); None → output_dir is the study's folder. The study's split, synthetic set and image cache live there.
+    study_dir: str | None = None
     cache: str = "memory"  # "memory", "none", or a file path prefix for tf.data's file cache
     run_eagerly: bool = False
     # Synthetic stand-in used when no dataset is given (demo and smoke profiles).
@@ -135,6 +148,17 @@ class RunConfig:
             raise ConfigError(f"augment_brightness is a fraction of 255 in [0, 1], got {self.augment_brightness}.")
         if not 0.0 <= self.augment_contrast < 1.0:
             raise ConfigError(f"augment_contrast must be in [0, 1) (factor 1 ± it), got {self.augment_contrast}.")
+        if (self.folds is None) != (self.fold is None):
+            raise ConfigError(f"fold and folds go together (fold k of folds K), got fold={self.fold}, "
+                              f"folds={self.folds}.")
+        if self.folds is not None and not (self.folds >= 2 and 1 <= self.fold <= self.folds):
+            raise ConfigError(f"Cross-validation needs folds ≥ 2 and 1 ≤ fold ≤ folds, got fold={self.fold}, "
+                              f"folds={self.folds}.")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ConfigError(f"train_fraction is a share of the training cells in (0, 1], got {self.train_fraction}.")
+        if self.folds is not None and (self.train_fraction != 1.0 or self.curve_point):
+            raise ConfigError("A run is either a cross-validation fold or a learning-curve point, not both: give "
+                              "folds/fold or train_fraction.")
         if self.split_by not in ("group", "image"):
             raise ConfigError(f"split_by must be 'group' or 'image', got {self.split_by!r}.")
 
@@ -180,8 +204,14 @@ class RunConfig:
 
     @property
     def output_path(self) -> Path:
-        """Return the output folder as a Path."""
+        """Return the output folder as a Path: where this run writes its model, results and figures."""
         return Path(self.output_dir)
+
+    @property
+    def study_path(self) -> Path:
+        """Return the study's output folder: the study's split, synthetic set and image cache live there (the output
+        folder itself, unless this run is a fold or a learning-curve point with a folder of its own inside it)."""
+        return Path(self.study_dir) if self.study_dir else self.output_path
 
     def why(self, name: str) -> str | None:
         """Return the note about one parameter (where its value came from, or why it was changed), or None."""
@@ -233,7 +263,8 @@ _FIELDS = frozenset(f.name for f in dataclasses.fields(RunConfig))
 # The settings that change a run's result, grouped as a summary prints them (describe, RunConfig.settings). Left
 # out: notes and sources (about the values), cache and run_eagerly (speed only), output_dir (where, not what).
 SETTING_GROUPS: dict[str, tuple[str, ...]] = {
-    "data": ("data_dir", "split_path", "split_by", "val_fraction", "test_fraction", "image_size",
+    "data": ("data_dir", "split_path", "split_by", "val_fraction", "test_fraction", "folds", "fold",
+             "train_fraction", "curve_point", "image_size",
              "synth_per_class", "synth_size", "synth_duplicates", "synth_shortcut"),
     "model": ("arch", "weights", "dropout", "hidden_units"),
     "training": ("recipe", "epochs", "head_epochs", "unfreeze_layers", "batch_size", "seed", "class_weights",
@@ -246,7 +277,7 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
 
 PROFILES: dict[str, dict[str, Any]] = {
     # The study itself: the real Kaggle folder, ImageNet weights, native input sizes.
-    "paper": dict(epochs=20, image_size="native", batch_size=32, weights=IMAGENET, patience=4),
+    "paper": dict(epochs=20, image_size="native", batch_size=32, weights=IMAGENET, patience=4, gradcam_images=100),
     # No dataset at hand: a synthetic set, small images, a few epochs.
     "demo": dict(
         epochs=6, image_size=96, batch_size=32, weights=IMAGENET, patience=3,
@@ -325,10 +356,42 @@ def resolve(
         sources["weights"] = RULE
         notes.append(("weights", "imagenet → none: IMAGENET WEIGHTS ARE NOT REACHABLE: training from random "
                                  "initialisation; these numbers say nothing about transfer learning"))
+    run_folder = run_subfolder(values)
+    if run_folder is not None:
+        values["study_dir"] = values["output_dir"]
+        values["output_dir"] = str(Path(values["output_dir"]) / run_folder)
+        sources["output_dir"] = sources["study_dir"] = RULE
+        notes.append(("output_dir", f"→ {values['output_dir']}: this run's own folder inside the study's "
+                                    f"{values['study_dir']} ({run_folder.parts[0]})"))
     try:
         return RunConfig(**values, notes=tuple(notes), sources=tuple(sources.items()))
     except TypeError as exc:
         raise ConfigError(f"Bad run parameter: {exc}.") from exc
+
+
+# Inside the study's folder: one folder per cross-validation fold and seed, one per learning-curve point.
+CV_FOLDER = "cv"
+CURVE_FOLDER = "learning_curve"
+
+
+def run_subfolder(values: dict[str, Any]) -> Path | None:
+    """The folder, relative to the study's, of a run that is a cross-validation fold (`cv/seed42-fold1of5`) or a
+    learning-curve point (`learning_curve/scratch-frac0.5`); None for the study's own hold-out run. Already inside
+    one (a study_dir given), None."""
+    if values.get("study_dir"):
+        return None
+    if values.get("folds") is not None:
+        seed = values.get("seed", RunConfig.seed)
+        return Path(CV_FOLDER) / f"seed{seed}-fold{values.get('fold')}of{values['folds']}"
+    fraction = float(values.get("train_fraction", 1.0))
+    if fraction != 1.0 or values.get("curve_point"):
+        return Path(CURVE_FOLDER) / f"{curve_init(values.get('weights', RunConfig.weights))}-frac{fraction:g}"
+    return None
+
+
+def curve_init(weights: str | None) -> str:
+    """How a learning-curve point's network starts: "scratch" (weights None) or "pretrained"."""
+    return "scratch" if weights is None else "pretrained"
 
 
 # The name evaluation.py and baseline.py know resolve() by: a profile and overrides, no architecture rules.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import seaborn as sns
@@ -201,4 +201,23 @@ def plot_duplicate_diagnostics(scores: Sequence[float], accepted: Sequence[bool]
     right.bar([str(s) for s in sizes], [group_sizes[s] for s in sizes], color="tab:blue")
     right.set(xlabel="images in the group", ylabel="groups", title="Duplicate group sizes")
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_learning_curve(table: Any, metric: str = "macro_f1", path: str | Path | None = None) -> Figure:
+    """Macro-F1 (with 95% interval whiskers) against the number of training cells: one line per network and
+    initialisation (pretrained solid, from scratch dashed). table: learning_curve.learning_curve_table."""
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
+    for (model, init), rows in table.groupby(["model", "init"], sort=False):
+        rows = rows.sort_values("train_cells")
+        x, y = rows["train_cells"].to_numpy(dtype=float), rows[metric].to_numpy(dtype=float)
+        low, high = rows[f"{metric}_ci_low"].to_numpy(dtype=float), rows[f"{metric}_ci_high"].to_numpy(dtype=float)
+        err = np.where(np.isfinite([y - low, high - y]), np.clip([y - low, high - y], 0, None), 0)
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, linestyle="-" if init == "pretrained" else "--",
+                    label=f"{model} ({init})")
+    ax.set_xlabel("training cells (duplicate groups)")
+    ax.set_ylabel(f"test {metric} (95% interval)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return save_figure(fig, path)

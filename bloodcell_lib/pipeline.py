@@ -305,11 +305,16 @@ def _subset_rows(split: pd.DataFrame | str | Path, subset: str,
 
 
 def _study_cache(image_cache: StudyCache | str | None, rows: pd.DataFrame, size: int) -> StudyCache | None:
-    """The study cache to read from: the one given, or ("auto") the one beside the split file; None when there is
-    none or its side is smaller than the size asked for (then the files are decoded)."""
+    """The study cache to read from: the one given, or ("auto") the one beside the split file or in the study's
+    folder two levels up (a cross-validation fold's or learning-curve point's split lives in <study>/cv/<fold>/);
+    None when there is none or its side is smaller than the size asked for (then the files are decoded)."""
     if isinstance(image_cache, str) and image_cache == AUTO:
         split_path = rows.attrs.get("split_path")
-        return StudyCache.find(Path(split_path).parent / CACHE_FOLDER, size) if split_path else None
+        if not split_path:
+            return None
+        folder = Path(split_path).parent
+        return next((c for c in (StudyCache.find(f / CACHE_FOLDER, size) for f in (folder, folder.parent.parent))
+                     if c is not None), None)
     if image_cache is not None and image_cache.side < size:
         logger.info("The study cache holds %d-px images, fewer than the %d px asked for; decoding the files.",
                     image_cache.side, size)

@@ -3,6 +3,10 @@
 Design rule: copies of one cell (exact or near duplicates found by check-data, plus any groups given in a
 metadata CSV such as patient or slide) never sit on both sides of the split. `split_by="image"` breaks
 that rule on purpose; it exists only to measure how much the leak inflates scores.
+
+Two more kinds of split follow the same rule: fold k of a grouped, stratified K-fold cross-validation (test = the
+cells of fold k, validation carved from the other folds; `folds`, `fold` of make_split), and a learning-curve split
+(subsample_training: the study's split with only a stratified share of its training cells kept).
 """
 
 from __future__ import annotations
@@ -61,27 +65,40 @@ def make_split(
     split_by: str = "group",
     metadata: str | Path | pd.DataFrame | None = None,
     progress: bool = True,
+    folds: int | None = None,
+    fold: int | None = None,
 ) -> pd.DataFrame:
-    """Return one row per image (path, label, group, subset) with attrs data_root, seed, val, test, split_by.
+    """Return one row per image (path, label, group, subset) with attrs data_root, seed, val, test, split_by
+    (and folds, fold).
 
     data: a dataset folder (checked with check_dataset), a DatasetReport, or a DataFrame with columns
     path, label, group and attrs["data_root"]. metadata: optional CSV (or DataFrame) with columns
     file, group whose groups are merged with the duplicate groups (two images sharing either stay together).
+    folds, fold: fold `fold` (1-based) of a stratified group K-fold made with `seed` — its cells are the test
+    subset (`test` is then unused), validation is carved from the other folds' cells. The K splits of one seed have
+    disjoint test subsets that together cover every image (assign_folds).
     """
-    _check_parameters(val, test, split_by)
+    _check_parameters(val, test if folds is None else 0.5, split_by)
+    if (folds is None) != (fold is None) or (folds is not None and not (folds >= 2 and 1 <= fold <= folds)):
+        raise SplitError(f"Cross-validation needs folds ≥ 2 and 1 ≤ fold ≤ folds, got fold={fold}, folds={folds}.")
     frame, root, report = _input_frame(data, progress)
     if metadata is not None:
         frame["group"] = merge_metadata_groups(frame, metadata)
     # The unit that is assigned to a subset: a whole group, or (leakage measurement only) a single image.
     units = frame["path"] if split_by == "image" else frame["group"]
-    _require_enough_groups(frame["label"], units, split_by)
+    _require_enough_groups(frame["label"], units, split_by, minimum=MIN_GROUPS_PER_CLASS if folds is None
+                           else max(MIN_GROUPS_PER_CLASS, folds + 1))
     y = frame["label"].map(CLASSES.index).to_numpy()
-    subset = _assign_subsets(y, pd.factorize(units)[0], val, test, seed)
+    if folds is None:
+        subset = _assign_subsets(y, pd.factorize(units)[0], val, test, seed)
+    else:
+        subset = _fold_subsets(y, pd.factorize(units)[0], folds, fold, val, seed)
     out = pd.DataFrame({"path": frame["path"], "label": frame["label"], "group": frame["group"], "subset": subset})
     out = out.sort_values("path", kind="stable").reset_index(drop=True)
     out.attrs.update(
-        data_root=str(root), seed=int(seed), val=float(val), test=float(test), split_by=split_by,
-        metadata=None if metadata is None or isinstance(metadata, pd.DataFrame) else str(metadata),
+        data_root=str(root), seed=int(seed), val=float(val), test=float(test) if folds is None else None,
+        split_by=split_by, metadata=None if metadata is None or isinstance(metadata, pd.DataFrame) else str(metadata),
+        folds=folds, fold=fold,
     )
     if report is not None:
         out.attrs["leakage_audit"] = leakage_audit(report, out)
@@ -110,6 +127,10 @@ def save_split(df: pd.DataFrame, path: str | Path) -> Path:
         "test": df.attrs.get("test"),
         "split_by": df.attrs.get("split_by", "group"),
         "metadata": df.attrs.get("metadata"),
+        "folds": df.attrs.get("folds"),
+        "fold": df.attrs.get("fold"),
+        "train_fraction": df.attrs.get("train_fraction"),
+        "parent_split_sha256": df.attrs.get("parent_split_sha256"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "n_images": int(len(df)),
         "csv_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
@@ -161,7 +182,8 @@ def load_split(path: str | Path, data_root: str | Path | None = None) -> pd.Data
     df.attrs.update(
         data_root=str(root), split_path=str(path), split_by=split_by, seed=sidecar.get("seed"),
         val=sidecar.get("val"), test=sidecar.get("test"), metadata=sidecar.get("metadata"),
-        leakage_audit=sidecar.get("leakage_audit"),
+        leakage_audit=sidecar.get("leakage_audit"), folds=sidecar.get("folds"), fold=sidecar.get("fold"),
+        train_fraction=sidecar.get("train_fraction"), parent_split_sha256=sidecar.get("parent_split_sha256"),
     )
     return df
 
@@ -173,6 +195,9 @@ def resolve_split(cfg: RunConfig, verbose: int = 1,
     The study's rule: every model in an output folder trains on its one split. A split there made with other
     settings is refused (SplitError), never silently overwritten; a dataset that changed since is refused
     (ProvenanceError). The returned split's attrs["dataset_sha256"] is the fingerprint of its images as checked.
+    A cross-validation run (cfg.folds) gets fold cfg.fold of the seed's folds in its own folder; a learning-curve
+    point (cfg.curve_point or train_fraction < 1) the study's split (made in cfg.study_path when missing) with a
+    share of its training cells (subsample_training), saved in its own folder.
     report: a DatasetReport of cfg.data_dir already made (saves a second scan of the folder).
     """
     if cfg.split_path:
@@ -183,12 +208,15 @@ def resolve_split(cfg: RunConfig, verbose: int = 1,
         return split, path
     if not cfg.data_dir:
         raise ConfigError("Training needs a dataset: give data_dir (--data-dir) or a split file (--split).")
+    if cfg.curve_point or cfg.train_fraction != 1.0:
+        return _curve_split(cfg, verbose, report)
     path = cfg.output_path / SPLIT_FILE
     root = find_data_root(cfg.data_dir).resolve()
+    same = {"data_root": str(root), "seed": cfg.seed, "val": cfg.val_fraction,
+            "test": cfg.test_fraction if cfg.folds is None else None, "split_by": cfg.split_by, "folds": cfg.folds,
+            "fold": cfg.fold}
     if path.exists():
         split = load_split(path)
-        same = {"data_root": str(root), "seed": cfg.seed, "val": cfg.val_fraction, "test": cfg.test_fraction,
-                "split_by": cfg.split_by}
         found = {k: split.attrs.get(k) for k in same}
         if found == same:
             check_split_matches_dataset(split, advice=(
@@ -204,13 +232,81 @@ def resolve_split(cfg: RunConfig, verbose: int = 1,
             f"{cfg.output_path} must share one split. Pass it with --split, or choose another --output folder."
         )
     split = make_split(report if report is not None else cfg.data_dir, val=cfg.val_fraction, test=cfg.test_fraction,
-                       seed=cfg.seed, split_by=cfg.split_by, progress=bool(verbose))
+                       seed=cfg.seed, split_by=cfg.split_by, progress=bool(verbose), folds=cfg.folds, fold=cfg.fold)
     save_split(split, path)
     if verbose:
-        print(f"Split written to {path}")
+        print(f"Split written to {path}" + (f" (fold {cfg.fold} of {cfg.folds}, seed {cfg.seed})" if cfg.folds else ""))
     split = load_split(path)
     split.attrs["dataset_sha256"] = dataset_fingerprint(split)
     return split, path
+
+
+def subsample_training(split: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """The split with only a share of its training cells: per class, round(fraction × its training groups) whole
+    duplicate groups (at least one) drawn with `seed`; val and test rows unchanged. attrs["train_fraction"] records
+    the fraction. The draws are nested: a larger fraction keeps every group a smaller one kept."""
+    if not 0.0 < fraction <= 1.0:
+        raise SplitError(f"train_fraction is a share of the training cells in (0, 1], got {fraction}.")
+    train = split[split["subset"] == "train"]
+    rng = np.random.default_rng(seed)
+    kept: set[str] = set()
+    for label in sorted(train["label"].unique()):
+        groups = np.array(sorted(train.loc[train["label"] == label, "group"].unique()))
+        order = rng.permutation(len(groups))  # one order per class, so the kept groups nest across fractions
+        kept.update(groups[order[:max(1, int(round(fraction * len(groups))))]])
+    out = split[(split["subset"] != "train") | split["group"].isin(kept)].reset_index(drop=True)
+    out.attrs.update({k: v for k, v in split.attrs.items() if k not in ("split_path",)})
+    out.attrs["train_fraction"] = float(fraction)
+    return out
+
+
+def _curve_split(cfg: RunConfig, verbose: int, report: DatasetReport | None) -> tuple[pd.DataFrame, Path]:
+    """resolve_split for a learning-curve point: the study's split with cfg.train_fraction of its training cells."""
+    study = cfg.replace(output_dir=str(cfg.study_path), study_dir=None, train_fraction=1.0, curve_point=False)
+    parent, parent_path = resolve_split(study, verbose=verbose, report=report)
+    parent_sha = split_sha256(parent_path)
+    path = cfg.output_path / SPLIT_FILE
+    if path.exists():
+        split = load_split(path)
+        if split.attrs.get("parent_split_sha256") == parent_sha and split.attrs.get("train_fraction") == \
+                cfg.train_fraction:
+            return split, path
+        raise SplitError(
+            f"{path} holds a learning-curve split of another study split or fraction than this run's (fraction "
+            f"{cfg.train_fraction} of {parent_path}); choose another --output folder, or move that folder away.")
+    split = subsample_training(parent, cfg.train_fraction, cfg.seed)
+    split.attrs["parent_split_sha256"] = parent_sha
+    save_split(split, path)
+    if verbose:
+        n = int((split["subset"] == "train").sum())
+        print(f"Learning-curve split written to {path}: {cfg.train_fraction:g} of the study's training cells "
+              f"({n} images)")
+    split = load_split(path)
+    split.attrs["dataset_sha256"] = dataset_fingerprint(split)
+    return split, path
+
+
+def assign_folds(labels: np.ndarray, units: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """The fold (1..folds) of every image: stratified by class, whole groups (units) in one fold."""
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    fold_of = np.zeros(len(labels), dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The least populated class has only N members"
+        for k, (_, test_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels, units), 1):
+            fold_of[test_idx] = k
+    return fold_of
+
+
+def _fold_subsets(y: np.ndarray, units: np.ndarray, folds: int, fold: int, val: float, seed: int) -> np.ndarray:
+    """Test = the images of fold `fold`; val carved (a val share of all images) from the others; the rest train."""
+    test_idx = np.flatnonzero(assign_folds(y, units, folds, seed) == fold)
+    rest = np.setdiff1d(np.arange(len(y)), test_idx)
+    val_of_rest = min(val / (1.0 - len(test_idx) / len(y)), 0.5)
+    val_idx = _carve_fold(y, units, rest, val_of_rest, seed, "val", groups_left=1)
+    subset = np.full(len(y), "train", dtype=object)
+    subset[test_idx] = "test"
+    subset[val_idx] = "val"
+    return subset
 
 
 def split_sha256(path: str | Path) -> str:
@@ -487,15 +583,16 @@ def _read_metadata(metadata: str | Path | pd.DataFrame) -> pd.DataFrame:
     return meta.fillna("")
 
 
-def _require_enough_groups(labels: pd.Series, units: pd.Series, split_by: str) -> None:
+def _require_enough_groups(labels: pd.Series, units: pd.Series, split_by: str,
+                           minimum: int = MIN_GROUPS_PER_CLASS) -> None:
     per_class = pd.DataFrame({"label": labels, "unit": units}).groupby("label")["unit"].nunique()
-    few = per_class[per_class < MIN_GROUPS_PER_CLASS]
+    few = per_class[per_class < minimum]
     if len(few):
         unit = "images" if split_by == "image" else "duplicate groups"
         detail = ", ".join(f"{c}: {n}" for c, n in few.items())
         raise SplitError(
-            f"Too few {unit} to split: every class needs at least {MIN_GROUPS_PER_CLASS} (one each for train, val "
-            f"and test), but {detail}. Add images of those classes; copies of one cell count once."
+            f"Too few {unit} to split: every class needs at least {minimum} (one each for train, val "
+            f"and test{', and one per fold' if minimum > MIN_GROUPS_PER_CLASS else ''}), but {detail}. Add images of those classes; copies of one cell count once."
         )
 
 

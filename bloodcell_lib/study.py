@@ -14,19 +14,20 @@ import pandas as pd
 from IPython.display import Image, Markdown
 
 from bloodcell_lib import evaluation, progress
-from bloodcell_lib.baseline import ensure_shortcut_baseline
 from bloodcell_lib.cache import StudyCache
 from bloodcell_lib.classes import CLASSES
-from bloodcell_lib.compare import (BASELINE_RUN, compare_results, display_calibration, display_paired,
+from bloodcell_lib.compare import (BASELINE_RUN, compare_study, display_calibration, display_paired,
                                    display_shortcut, display_table, display_tta)
 from bloodcell_lib.config import (AUTO, NOTEBOOK_OUTPUT, SCRATCH, RunConfig, check_image_size, output_dir_override,
                                   resolve)
+from bloodcell_lib.crossval import cv_path, cv_table
 from bloodcell_lib.dataset import check_dataset
 from bloodcell_lib.errors import ConfigError
 from bloodcell_lib.explain import explain_image as explain_one_image
 from bloodcell_lib.explain import gradcam_side_by_side, plot_explanation
 from bloodcell_lib.figures import plot_class_examples, plot_duplicate_diagnostics, plot_history, plot_image_grid
 from bloodcell_lib.images import read_rgb
+from bloodcell_lib.learning_curve import CURVE_FIGURE, display_learning_curve, learning_curve_table
 from bloodcell_lib.model import build_model, imagenet_available, layer_blocks
 from bloodcell_lib.pipeline import augment_image, load_images
 from bloodcell_lib.registry import get_arch
@@ -87,7 +88,7 @@ def check_data(cfg: RunConfig):
     """Check the dataset folder and return the report (its summary is printed). The same pass fills the study's
     image cache (OUTPUT/.image_cache), which every model's pipeline, evaluation and Grad-CAM read."""
     progress.step("data check")
-    report = check_dataset(cfg.data_dir, cache=StudyCache.in_output(cfg.output_path, cfg.image_size))
+    report = check_dataset(cfg.data_dir, cache=StudyCache.in_output(cfg.study_path, cfg.image_size))
     print(report.summary())
     return report
 
@@ -274,15 +275,32 @@ def outputs_written(cfg: RunConfig) -> pd.DataFrame:
 
 
 def compare(output_dir: str | Path):
-    """Build the comparison of every model in the output folder (training the shortcut baseline if needed)."""
+    """Build the comparison of every model in the output folder (training the shortcut baseline if needed); a
+    cross-validated study (run_all.py --folds) is combined from its folds and compared in OUTPUT/cv."""
     progress.step("comparison: shortcut baseline, table, paired tests")
-    output_dir = Path(output_dir_override(output_dir))
-    split_path = output_dir / SPLIT_FILE
-    if split_path.exists():
-        ensure_shortcut_baseline(split_path, output_dir)  # resampled like the models in the folder
-    comparison = compare_results(output_dir)
-    comparison.save(output_dir)
+    comparison, _, _ = compare_study(Path(output_dir_override(output_dir)))
     return comparison
+
+
+def cross_validation_table(output_dir: str | Path) -> pd.DataFrame:
+    """Per model: folds, seeds, and the mean ± sd over the fold runs (one row saying "none" without folds)."""
+    table = cv_table(cv_path(Path(output_dir_override(output_dir))))
+    return table if not table.empty else pd.DataFrame({"cross-validation": ["none: no folds in this output folder "
+                                                                            "(run_all.py --folds K)"]})
+
+
+def learning_curve(output_dir: str | Path) -> pd.DataFrame:
+    """The learning-curve table (macro-F1 against training cells, pretrained and from scratch); "none" without
+    learning-curve runs."""
+    table, _ = learning_curve_table(Path(output_dir_override(output_dir)))
+    return display_learning_curve(table)
+
+
+def show_learning_curve(output_dir: str | Path):
+    """Figure: macro-F1 with intervals against the number of training cells, one line per network and
+    initialisation (written by compare as learning_curve.png); None without learning-curve runs."""
+    path = Path(output_dir_override(output_dir)) / CURVE_FIGURE
+    return Image(filename=str(path)) if path.is_file() else None
 
 
 def comparison_table(comparison) -> pd.DataFrame:
@@ -361,6 +379,7 @@ def write_report(output_dir: str | Path, comparison=None) -> Path:
     """Write `comparison.html` into the output folder (self-contained: table, figures, conclusion, configuration,
     versions), print where it is and return its path. comparison: the folder's, when already built."""
     progress.step("HTML report")
-    path = write_comparison_report(Path(output_dir_override(output_dir)), comparison)
+    folder = comparison.folder if comparison is not None and comparison.folder else None
+    path = write_comparison_report(folder or Path(output_dir_override(output_dir)), comparison)
     print(f"HTML report: {path.resolve()}")
     return path

@@ -93,14 +93,22 @@ IMAGE_SIZE = None  # "native" or pixels
 BATCH_SIZE = None
 WEIGHTS = None  # "imagenet", "none" or a path to a weights file
 OUTPUT_DIR = "auto"  # a folder (e.g. on Drive); auto → $BLOODCELL_OUTPUT, else the repository's Saved Models
-SEED = 42"""),
+SEED = 42
+# Cross-validation: fold FOLD (1..FOLDS) of a grouped, stratified FOLDS-fold split made with SEED, in its own
+# folder OUTPUT_DIR/cv/; None → the single hold-out split (run_all.py --folds K runs every fold)
+FOLDS = None
+FOLD = None
+# Learning curve: train on this share of the study split's training cells, in OUTPUT_DIR/learning_curve/
+TRAIN_FRACTION = None
+CURVE_POINT = False  # True: a learning-curve point even at fraction 1 (the from-scratch ablation)"""),
         md(SETUP_PROSE),
         code(SETUP_CODE),
         code(f"""from bloodcell_lib import study
 
 cfg = study.configure(
     "{arch}", profile=PROFILE, data_dir=DATA_DIR, epochs=EPOCHS, image_size=IMAGE_SIZE,
-    batch_size=BATCH_SIZE, weights=WEIGHTS, output_dir=OUTPUT_DIR, seed=SEED,
+    batch_size=BATCH_SIZE, weights=WEIGHTS, output_dir=OUTPUT_DIR, seed=SEED, folds=FOLDS, fold=FOLD,
+    train_fraction=TRAIN_FRACTION, curve_point=CURVE_POINT or None,
 )
 print(study.describe(cfg))"""),
         md("""## Data checking
@@ -246,6 +254,23 @@ includes 0, averaging over orientations does not change the score on this test s
 The baseline row shows what background colour alone achieves. The leakage delta (when a model was also
 run on an image-level split) shows how much a random image split inflates accuracy."""),
         code("study.shortcut_and_leakage(comparison)"),
+        md("""## Cross-validation
+
+With `run_all.py --folds K [--seeds S ...]` every network is trained once per fold and seed, each fold's
+cells tested by a model that never saw them (copies of one cell stay in one fold). The table above then
+holds the out-of-fold scores (every image predicted once per seed; intervals resample whole cells), and this
+table the spread over the fold runs: a mean ± sd much wider than the gap between two networks means one
+hold-out split could not have ranked them."""),
+        code("study.cross_validation_table(OUTPUT_DIR)"),
+        md("""## Does transfer learning help? The learning curve
+
+With `run_all.py --train-fractions 0.1 0.25 0.5 1.0 [--ablation scratch]` each network is trained on
+shares of the training cells (whole cells, stratified by class), pretrained and from random initialisation,
+and always tested on the same test cells. Read the gap between the solid (pretrained) and dashed (scratch)
+lines at each size: transfer learning helps where the gap is wider than the intervals, and most with
+few training cells."""),
+        code("study.learning_curve(OUTPUT_DIR)"),
+        code("study.show_learning_curve(OUTPUT_DIR)"),
         md("## Conclusion"),
         code("study.show_conclusion(comparison)"),
         md("""## The report

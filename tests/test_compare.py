@@ -561,3 +561,14 @@ def test_fields_that_do_not_apply_to_the_baseline_show_a_dash_not_nan(results_di
     baseline = shown[shown["model"].str.contains("baseline|Colour", case=False)].iloc[0]
     assert baseline["weights"] == "—" and baseline["size"] != "nan"
     assert "nan" not in markdown_table(shown).lower()
+
+
+def test_a_network_explained_on_another_image_set_is_named():
+    from bloodcell_lib.compare import explanation_set_problems
+
+    table = pd.DataFrame({"model": ["A", "B", "C", "baseline"], "explanation_set_sha256": ["x" * 64, "x" * 64,
+                                                                                          "y" * 64, None],
+                          "explanation_set_n": [100, 100, 50, None]})
+    problems = explanation_set_problems(table)
+    assert len(problems) == 1 and problems[0].startswith("C: explained on another image set (50 images")
+    assert explanation_set_problems(table.iloc[[0, 1, 3]]) == []

@@ -167,9 +167,11 @@ def test_every_setting_that_changes_the_result_has_a_source(monkeypatch, tmp_pat
     assert {"augmentation", "learning rate", "training", "model", "data", "evaluation"} == groups
     assert set(config.SETTING_GROUPS["augmentation"]) == {"augment_brightness", "augment_contrast"}
     assert {"lr_factor", "lr_patience", "min_lr", "scratch_learning_rate"} <= set(config.SETTING_GROUPS["learning rate"])
-    # The fields cache, run_eagerly (speed), output_dir (where) and the bookkeeping are the only ones left out.
+    # The fields cache, run_eagerly (speed), output_dir and study_dir (where) and the bookkeeping are the only ones
+    # left out.
     listed = {name for names in config.SETTING_GROUPS.values() for name in names}
-    assert set(config._FIELDS) - listed == {"cache", "run_eagerly", "output_dir", "profile", "notes", "sources"}
+    assert set(config._FIELDS) - listed == {"cache", "run_eagerly", "output_dir", "study_dir", "profile", "notes",
+                                            "sources"}
     # Recorded and read back (evaluate's evaluation_config), the sources come along.
     assert RunConfig.from_dict(cfg.to_dict()).source("augment_contrast") == "parameter"
 

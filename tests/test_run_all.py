@@ -66,7 +66,7 @@ def test_a_failing_notebook_does_not_stop_the_comparison_which_fails_without_mod
 ])
 def test_bad_arguments_are_refused_before_any_kernel_starts(tmp_path, capsys, monkeypatch, args, fragment):
     (tmp_path / "a file").write_text("x")
-    monkeypatch.setattr(run_all, "run_notebook", lambda *a, **k: pytest.fail("a kernel was started"))
+    monkeypatch.setattr(run_all, "run_jobs", lambda *a, **k: pytest.fail("a kernel was started"))
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--output" not in argv:
         argv += ["--output", str(tmp_path / "OUT")]
@@ -131,3 +131,46 @@ def test_the_progress_printer_prints_a_line_per_event_of_the_running_notebook(tm
         "  [VGG16] evaluation"]
     assert "about" in lines[1] and "earlier run" not in out.getvalue()
     assert printer.clock.finished == {"VGG16"}
+
+
+def _jobs(tmp_path, *argv):
+    args = run_all.parse_args(["--profile", "smoke", "--output", str(tmp_path), *argv])
+    cfg, output = run_all.check_arguments(args)
+    models = run_all.choose_models(args.models, run_all.model_notebooks())
+    return run_all.study_jobs(args, cfg, models, output / "executed_notebooks", {"OUTPUT_DIR": str(output)}, {})
+
+
+def test_cross_validation_plans_one_run_per_seed_fold_and_model(tmp_path):
+    jobs = _jobs(tmp_path, "--models", "vgg16", "resnet50", "--folds", "3", "--seeds", "1", "2")
+    assert len(jobs) == 2 * 3 * 2
+    assert jobs[0].label == "VGG16-seed1-fold1of3" and jobs[-1].label == "ResNet50-seed2-fold3of3"
+    assert jobs[-1].parameters == {"OUTPUT_DIR": str(tmp_path), "SEED": 2, "FOLDS": 3, "FOLD": 3}
+    assert len({job.target for job in jobs}) == len(jobs)  # every run its own executed notebook
+
+
+def test_a_learning_curve_plans_the_study_then_one_run_per_extra_point(tmp_path):
+    # The smoke profile trains from scratch, so --ablation scratch adds no second curve; 1.0 is the study itself.
+    jobs = _jobs(tmp_path, "--models", "vgg16", "--train-fractions", "0.5", "1.0", "--ablation", "scratch")
+    assert [job.label for job in jobs] == ["VGG16", "VGG16-study-weights-frac0.5"]
+    assert jobs[1].parameters["TRAIN_FRACTION"] == 0.5 and jobs[1].parameters["CURVE_POINT"] is True
+    # With pretrained weights the ablation trains every fraction from scratch too.
+    args = run_all.parse_args(["--profile", "demo", "--output", str(tmp_path), "--models", "vgg16", "--ablation",
+                               "scratch", "--train-fractions", "0.5", "1.0"])
+    cfg, output = run_all.check_arguments(args)
+    jobs = run_all.study_jobs(args, cfg, {"vgg16": run_all.model_notebooks()["vgg16"]}, output, {}, {})
+    assert [job.label for job in jobs] == ["VGG16", "VGG16-study-weights-frac0.5", "VGG16-scratch-frac0.5",
+                                           "VGG16-scratch-frac1"]
+    assert jobs[-1].parameters["WEIGHTS"] == "none"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--folds", "1"], "at least 2 folds"),
+    (["--seeds", "1", "2"], "give --folds"),
+    (["--folds", "2", "--train-fractions", "0.5"], "one at a time"),
+    (["--train-fractions", "0"], "(0, 1]"),
+])
+def test_bad_study_designs_are_refused_before_any_kernel_starts(tmp_path, capsys, monkeypatch, argv, fragment):
+    monkeypatch.setattr(run_all, "run_jobs", lambda *a, **k: pytest.fail("a kernel was started"))
+    assert run_all.main(["--profile", "smoke", "--output", str(tmp_path / "OUT"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err

@@ -304,3 +304,77 @@ def test_the_output_folders_split_is_reused_and_never_silently_overwritten(tiny_
     with pytest.raises(SplitError, match="--split"):
         resolve_split(cfg.replace(seed=7), verbose=0)
     assert path.read_bytes() == written
+
+
+# --- Cross-validation folds and learning-curve subsets ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("folds", [2, 5])
+def test_the_k_fold_test_subsets_partition_the_images_and_keep_every_cell_in_one_fold(tmp_path, folds):
+    frame = cells_frame(tmp_path)
+    splits = [make_split(frame, folds=folds, fold=k, seed=3, progress=False) for k in range(1, folds + 1)]
+    tests = [set(s.loc[s["subset"] == "test", "path"]) for s in splits]
+    assert sum(len(t) for t in tests) == len(frame) and set().union(*tests) == set(frame["path"])  # disjoint, cover
+    for split in splits:
+        assert (subsets_per_group(split) == 1).all()  # no cell on two sides
+        assert split.groupby("subset")["label"].nunique().to_dict() == {"test": 5, "train": 5, "val": 5}
+        assert class_share_gap(split[split["subset"] == "test"]) < 0.1 or folds == 5
+        assert split.attrs["folds"] == folds and split.attrs["test"] is None
+    # Another seed, other folds.
+    other = make_split(frame, folds=folds, fold=1, seed=4, progress=False)
+    assert set(other.loc[other["subset"] == "test", "path"]) not in tests
+
+
+def test_bad_fold_numbers_are_refused(tmp_path):
+    frame = cells_frame(tmp_path)
+    for folds, fold in ((1, 1), (3, 0), (3, 4), (None, 1)):
+        with pytest.raises(SplitError, match="folds"):
+            make_split(frame, folds=folds, fold=fold, progress=False)
+
+
+def test_a_fold_runs_split_is_made_in_its_own_folder_and_reused(tiny_set, tmp_path):
+    from bloodcell_lib.config import resolve
+
+    cfg = resolve("smoke", data_dir=str(tiny_set), output_dir=str(tmp_path / "out"), folds=2, fold=2)
+    assert cfg.output_path == tmp_path / "out" / "cv" / "seed42-fold2of2" and cfg.study_path == tmp_path / "out"
+    split, path = resolve_split(cfg, verbose=0)
+    assert path.parent == cfg.output_path and load_split(path).attrs["fold"] == 2
+    again, _ = resolve_split(cfg, verbose=0)
+    assert again["subset"].tolist() == split["subset"].tolist()
+    # The hold-out split of the study is not this one, and a fold folder refuses another fold's settings.
+    with pytest.raises(SplitError, match="other settings"):
+        resolve_split(cfg.replace(fold=1), verbose=0)
+
+
+def test_a_training_fraction_keeps_whole_cells_per_class_nested_and_the_same_val_and_test(tmp_path):
+    from bloodcell_lib.split import subsample_training
+
+    split = make_split(cells_frame(tmp_path), seed=3, progress=False)
+    train = split[split["subset"] == "train"]
+    kept = {}
+    for fraction in (0.1, 0.25, 0.5, 1.0):
+        sub = subsample_training(split, fraction, seed=3)
+        assert sub.loc[sub["subset"] != "train", "path"].tolist() == split.loc[split["subset"] != "train",
+                                                                                "path"].tolist()
+        sub_train = sub[sub["subset"] == "train"]
+        kept[fraction] = set(sub_train["group"])
+        # Whole cells: every copy of a kept cell is kept.
+        assert len(sub_train) == int(train["group"].isin(kept[fraction]).sum())
+        for label in CLASSES:
+            n_groups = train.loc[train["label"] == label, "group"].nunique()
+            assert sub_train.loc[sub_train["label"] == label, "group"].nunique() == max(1, round(fraction * n_groups))
+    assert kept[0.1] <= kept[0.25] <= kept[0.5] <= kept[1.0] == set(train["group"])
+    with pytest.raises(SplitError, match="train_fraction"):
+        subsample_training(split, 0.0, seed=3)
+
+
+def test_a_learning_curve_point_trains_on_a_share_of_the_study_splits_cells(tiny_set, tmp_path):
+    from bloodcell_lib.config import resolve
+
+    cfg = resolve("smoke", data_dir=str(tiny_set), output_dir=str(tmp_path / "out"), train_fraction=0.5)
+    assert cfg.output_path == tmp_path / "out" / "learning_curve" / "scratch-frac0.5"
+    split, path = resolve_split(cfg, verbose=0)
+    study = load_split(tmp_path / "out" / "split.csv")  # made on the way, in the study's folder
+    assert split.loc[split["subset"] == "test", "path"].tolist() == study.loc[study["subset"] == "test", "path"].tolist()
+    assert 0 < (split["subset"] == "train").sum() < (study["subset"] == "train").sum()
+    assert load_split(path).attrs["train_fraction"] == 0.5
