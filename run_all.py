@@ -194,9 +194,8 @@ def study_jobs(args: argparse.Namespace, cfg: RunConfig, models: dict[str, Path]
               "runs are the scratch curve.")
     for fraction, weights in points:
         for source in models.values():
-            init = "scratch" if weights else "study-weights"
             extra = {"TRAIN_FRACTION": fraction, "CURVE_POINT": True, **({"WEIGHTS": weights} if weights else {})}
-            jobs.append(notebook_job(f"{source.stem}-{init}-frac{fraction:g}", source, executed,
+            jobs.append(notebook_job(f"{source.stem}{'-scratch' if weights else ''}-frac{fraction:g}", source, executed,
                                      {**parameters, **extra}, env))
     return jobs
 

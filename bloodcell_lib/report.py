@@ -37,7 +37,9 @@ from bloodcell_lib.compare import (
     display_tta,
 )
 from bloodcell_lib.errors import OutputError
+from bloodcell_lib.crossval import cv_table
 from bloodcell_lib.figures import figure_png, plot_bars_with_intervals, plot_scatter
+from bloodcell_lib.learning_curve import CURVE_FIGURE, display_learning_curve, learning_curve_table
 from bloodcell_lib.results import figure_path, read_results, results_files, run_of, utc_timestamp
 
 REPORT_FILE = "comparison.html"
@@ -122,11 +124,19 @@ def report_context(results_dir: Path, comparison: Comparison) -> dict[str, Any]:
         "figures_absent": figures_absent,
         "paired": html_table(display_paired(comparison.paired)),
         "leakage": html_table(leakage_display(comparison.leakage)),
-        "checks": [{"title": title, "note": note, "table": html_table(frame)} for title, note, frame in (
+        "checks": [{"title": title, "note": note, "table": html_table(frame), "absent": absent}
+                   for title, note, frame, absent in (
             ("Does the model read the cell? The background shortcut, tested directly", READ_SHORTCUT,
-             display_shortcut(comparison.table)),
-            ("Can its confidence be trusted? Calibration", READ_CALIBRATION, display_calibration(comparison.table)),
-            ("Test-time augmentation", READ_TTA, display_tta(comparison.table)))],
+             display_shortcut(comparison.table), NOT_RECORDED),
+            ("Can its confidence be trusted? Calibration", READ_CALIBRATION, display_calibration(comparison.table),
+             NOT_RECORDED),
+            ("Test-time augmentation", READ_TTA, display_tta(comparison.table), NOT_RECORDED),
+            ("Cross-validation: the spread over the fold runs", READ_CV, cv_table(results_dir),
+             "No cross-validation in this folder (run_all.py --folds K writes one into OUTPUT/cv)."),
+            ("Does transfer learning help? The learning curve", READ_CURVE, curve_rows(results_dir),
+             "No learning-curve runs in this folder (run_all.py --train-fractions ... [--ablation scratch]).")
+        )],
+        "curve_figure": curve_figure(results_dir),
         "mcnemar": html_table(mcnemar_display(comparison.mcnemar)),
         "model_figures": model_figures(results_dir, comparison.table),
         "runs": html_table(runs_table(comparison.table, runs)),
@@ -135,6 +145,31 @@ def report_context(results_dir: Path, comparison: Comparison) -> dict[str, Any]:
         "versions_shared": versions_shared,
         "versions_diff": versions_diff,
     }
+
+
+NOT_RECORDED = "No model in this folder recorded it (evaluated before it was measured, or switched off)."
+READ_CV = ("With run_all.py --folds K every network is trained once per fold (and seed), each fold's cells tested by a "
+           "model that never saw them; the table above then holds the out-of-fold scores and this one the mean ± sd "
+           "over the fold runs. A spread wider than the gap between two networks means one hold-out split could not "
+           "have ranked them.")
+READ_CURVE = ("With run_all.py --train-fractions ... [--ablation scratch] each network is trained on shares of the "
+              "training cells, pretrained and from scratch, and tested on the same test cells: transfer learning "
+              "helps where the pretrained score stays above the scratch one by more than the intervals.")
+
+
+def curve_rows(results_dir: Path) -> pd.DataFrame:
+    """The learning-curve table of the folder (empty without curve points)."""
+    table, _ = learning_curve_table(results_dir)
+    return display_learning_curve(table) if not table.empty else table
+
+
+def curve_figure(results_dir: Path) -> EmbeddedFigure | None:
+    """The learning-curve figure compare wrote (learning_curve.png), embedded; None without one."""
+    path = results_dir / CURVE_FIGURE
+    if not path.is_file():
+        return None
+    return EmbeddedFigure("Macro-F1 against training cells: pretrained (solid) and from scratch (dashed)",
+                          png_uri(path.read_bytes()))
 
 
 def read_runs(results_dir: Path) -> dict[str, dict[str, Any]]:

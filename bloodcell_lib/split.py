@@ -131,6 +131,9 @@ def save_split(df: pd.DataFrame, path: str | Path) -> Path:
         "fold": df.attrs.get("fold"),
         "train_fraction": df.attrs.get("train_fraction"),
         "parent_split_sha256": df.attrs.get("parent_split_sha256"),
+        # A learning-curve split leaves these training images of the folder out on purpose (dataset_changes).
+        "left_out_n": df.attrs.get("left_out_n"),
+        "left_out_sha256": df.attrs.get("left_out_sha256"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "n_images": int(len(df)),
         "csv_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
@@ -184,6 +187,7 @@ def load_split(path: str | Path, data_root: str | Path | None = None) -> pd.Data
         val=sidecar.get("val"), test=sidecar.get("test"), metadata=sidecar.get("metadata"),
         leakage_audit=sidecar.get("leakage_audit"), folds=sidecar.get("folds"), fold=sidecar.get("fold"),
         train_fraction=sidecar.get("train_fraction"), parent_split_sha256=sidecar.get("parent_split_sha256"),
+        left_out_n=sidecar.get("left_out_n"), left_out_sha256=sidecar.get("left_out_sha256"),
     )
     return df
 
@@ -276,6 +280,8 @@ def _curve_split(cfg: RunConfig, verbose: int, report: DatasetReport | None) -> 
             f"{cfg.train_fraction} of {parent_path}); choose another --output folder, or move that folder away.")
     split = subsample_training(parent, cfg.train_fraction, cfg.seed)
     split.attrs["parent_split_sha256"] = parent_sha
+    left_out = set(parent["path"]) - set(split["path"])
+    split.attrs.update(left_out_sha256=paths_sha256(left_out), left_out_n=len(left_out))
     save_split(split, path)
     if verbose:
         n = int((split["subset"] == "train").sum())
@@ -380,6 +386,8 @@ def dataset_changes(split: pd.DataFrame) -> DatasetChanges:
     changes = DatasetChanges(root=root, missing=sorted(named - on_disk))
     # Unreadable files are left out of every split (check-data reports them), so they count as nothing new.
     changes.added = [p for p in sorted(on_disk - named) if _readable(root / p)]
+    if changes.added and split.attrs.get("left_out_sha256") == paths_sha256(changes.added):
+        changes.added = []  # a learning-curve split: exactly the training images it leaves out on purpose
     recorded = _read_sidecar(Path(split.attrs["split_path"])).get("image_sha256") if split.attrs.get(
         "split_path") else None
     changes.content_recorded = isinstance(recorded, dict)
@@ -389,6 +397,11 @@ def dataset_changes(split: pd.DataFrame) -> DatasetChanges:
     if not changes.missing:
         changes.fingerprint = _fingerprint(present)
     return changes
+
+
+def paths_sha256(paths: Any) -> str:
+    """SHA-256 of a set of relative paths (sorted, one per line)."""
+    return hashlib.sha256("\n".join(sorted(map(str, paths))).encode("utf-8")).hexdigest()
 
 
 def check_split_matches_dataset(split: pd.DataFrame, advice: str | None = None) -> str:

@@ -151,15 +151,14 @@ def test_cross_validation_plans_one_run_per_seed_fold_and_model(tmp_path):
 def test_a_learning_curve_plans_the_study_then_one_run_per_extra_point(tmp_path):
     # The smoke profile trains from scratch, so --ablation scratch adds no second curve; 1.0 is the study itself.
     jobs = _jobs(tmp_path, "--models", "vgg16", "--train-fractions", "0.5", "1.0", "--ablation", "scratch")
-    assert [job.label for job in jobs] == ["VGG16", "VGG16-study-weights-frac0.5"]
+    assert [job.label for job in jobs] == ["VGG16", "VGG16-frac0.5"]
     assert jobs[1].parameters["TRAIN_FRACTION"] == 0.5 and jobs[1].parameters["CURVE_POINT"] is True
     # With pretrained weights the ablation trains every fraction from scratch too.
     args = run_all.parse_args(["--profile", "demo", "--output", str(tmp_path), "--models", "vgg16", "--ablation",
                                "scratch", "--train-fractions", "0.5", "1.0"])
     cfg, output = run_all.check_arguments(args)
     jobs = run_all.study_jobs(args, cfg, {"vgg16": run_all.model_notebooks()["vgg16"]}, output, {}, {})
-    assert [job.label for job in jobs] == ["VGG16", "VGG16-study-weights-frac0.5", "VGG16-scratch-frac0.5",
-                                           "VGG16-scratch-frac1"]
+    assert [job.label for job in jobs] == ["VGG16", "VGG16-frac0.5", "VGG16-scratch-frac0.5", "VGG16-scratch-frac1"]
     assert jobs[-1].parameters["WEIGHTS"] == "none"
 
 

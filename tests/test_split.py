@@ -378,3 +378,13 @@ def test_a_learning_curve_point_trains_on_a_share_of_the_study_splits_cells(tiny
     assert split.loc[split["subset"] == "test", "path"].tolist() == study.loc[study["subset"] == "test", "path"].tolist()
     assert 0 < (split["subset"] == "train").sum() < (study["subset"] == "train").sum()
     assert load_split(path).attrs["train_fraction"] == 0.5
+    # Training on it is not refused for the images it leaves out on purpose (check_split_matches_dataset) ...
+    from bloodcell_lib.split import check_split_matches_dataset
+
+    assert check_split_matches_dataset(load_split(path))
+    # ... but a sidecar that does not say which images were left out is.
+    sidecar = json.loads(sidecar_path(path).read_text())
+    sidecar["left_out_sha256"] = None
+    sidecar_path(path).write_text(json.dumps(sidecar))
+    with pytest.raises(ProvenanceError, match="not in the split"):
+        check_split_matches_dataset(load_split(path))
