@@ -186,7 +186,10 @@ def cv_table(results_dir: str | Path) -> pd.DataFrame:
     """Per run: folds, seeds, and mean ± sd over the fold runs of CV_KEYS (from the cross-validated results)."""
     rows = []
     for path in results_files(results_dir):
-        results = read_results(path)
+        try:
+            results = read_results(path)
+        except (OSError, ValueError):
+            continue  # compare_results names the unreadable file; this table only lists cross-validated runs
         cv = results.get("cv")
         if not cv:
             continue
