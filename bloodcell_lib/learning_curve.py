@@ -54,7 +54,11 @@ def learning_curve_table(study_dir: str | Path) -> tuple[pd.DataFrame, list[str]
         train = split[split["subset"] == "train"]
         fraction = _fraction(folder, study_dir)
         for path in results_files(folder):
-            results = read_results(path)
+            try:
+                results = read_results(path)
+            except (OSError, ValueError) as exc:
+                problems.append(f"{path}: unreadable ({exc.__class__.__name__}); left out of the learning curve")
+                continue
             run = run_of(results)
             if run == BASELINE_RUN or run.endswith(IMAGE_SPLIT_SUFFIX):
                 continue

@@ -43,3 +43,15 @@ def test_a_point_tested_on_other_cells_is_left_out_and_named(tiny_set, tmp_path)
     edited.to_csv(path, index=False)
     table, problems = write_learning_curve(out)
     assert table["train_fraction"].tolist() == [1.0] and "other images" in problems[0]
+
+
+def test_an_unreadable_results_file_of_a_point_is_named_not_fatal(tiny_set, tmp_path):
+    out = tmp_path / "OUT"
+    study = resolve("smoke", data_dir=str(tiny_set), output_dir=str(out))
+    split, _ = resolve_split(study, verbose=0)
+    _fake_run(study, split, "vgg16", skill=0.7)
+    cfg = resolve("smoke", data_dir=str(tiny_set), output_dir=str(out), train_fraction=0.5)
+    resolve_split(cfg, verbose=0)
+    (cfg.output_path / "vgg16_results.json").write_text("{not json")
+    table, problems = write_learning_curve(out)
+    assert table["train_fraction"].tolist() == [1.0] and "unreadable" in problems[0]
