@@ -38,7 +38,7 @@ with native_stderr_to(_STARTUP_LOG):
     from bloodcell_lib.errors import BloodcellError, ConfigError
     from bloodcell_lib.executor import EXECUTORS, JobResult, NotebookJob, check_executor, run_jobs, run_notebook
     from bloodcell_lib.leakage import measure_leakage
-    from bloodcell_lib.progress import HEADLESS_ENV, PROGRESS_ENV, RunClock, clock_time, progress_line, timing
+    from bloodcell_lib.progress import HEADLESS_ENV, PROGRESS_ENV, RUN_ENV, RunClock, clock_time, progress_line, timing
     from bloodcell_lib.registry import ARCHITECTURES
 
 HERE = Path(__file__).resolve().parent
@@ -160,16 +160,18 @@ class ProgressPrinter:
                     event = json.loads(raw)
                 except ValueError:
                     continue
-                self.clock.update(self.label, event)
-                line = progress_line(self.label, event, self.clock)
+                label = event.get("run") or self.label  # run_all's runs say whose event it is
+                self.clock.update(label, event)
+                line = progress_line(label, event, self.clock)
                 if line:
                     print(line, file=self.out, flush=True)
 
 
 def notebook_job(label: str, source: Path, executed: Path, parameters: dict, env: dict[str, str]) -> NotebookJob:
-    """One notebook run: executed into executed/<label>.ipynb, its kernel's own output in OUTPUT/logs/<label>.log."""
+    """One notebook run: executed into executed/<label>.ipynb, its kernel's own output in OUTPUT/logs/<label>.log;
+    its progress events carry the label (several run at once under Ray)."""
     return NotebookJob(label, source, executed / f"{label}.ipynb", parameters, executed.parent / LOGS / f"{label}.log",
-                       env)
+                       {**env, RUN_ENV: label})
 
 
 def study_jobs(args: argparse.Namespace, cfg: RunConfig, models: dict[str, Path], executed: Path,

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import keras
 
 PROGRESS_ENV = "BLOODCELL_PROGRESS"  # the JSON-lines file events are appended to (run_all.py sets it)
+RUN_ENV = "BLOODCELL_RUN"  # the run's label (run_all.py sets it per notebook run): events say whose they are
 HEADLESS_ENV = "BLOODCELL_HEADLESS"  # "1": nobody watches this process's output live (run_all.py, nbval)
 # The validation numbers an epoch line shows, in this order, when Keras logged them.
 EPOCH_METRICS = ("val_accuracy", "val_macro_f1", "val_loss")
@@ -32,7 +33,9 @@ def emit(event: str, **fields: Any) -> None:
     path = os.environ.get(PROGRESS_ENV)
     if not path:
         return
-    line = json.dumps({"time": round(time.time(), 3), "event": event, **fields}, default=str) + "\n"
+    run = os.environ.get(RUN_ENV)
+    record = {"time": round(time.time(), 3), "event": event, **({"run": run} if run else {}), **fields}
+    line = json.dumps(record, default=str) + "\n"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:

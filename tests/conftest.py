@@ -1,4 +1,4 @@
-"""Shared fixtures: synthetic datasets built once per session in temporary folders."""
+"""Shared fixtures: synthetic datasets and one smoke study, built once per session in temporary folders."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,22 @@ def small_set(tmp_path_factory, small_set_params) -> Path:
 def tiny_set_copy(tiny_set, tmp_path) -> Path:
     """A private copy of the tiny set, for a test that deletes, damages or adds files."""
     return Path(shutil.copytree(tiny_set, tmp_path / "tiny set"))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# The shared smoke study: two networks with differently shaped preprocessing (caffe-mode VGG16, ResNet50), and a
+# learning-curve point at half the training cells of each.
+SMOKE_STUDY_MODELS = ("vgg16", "resnet50")
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`run_all.py --profile smoke --models vgg16 resnet50 --train-fractions 0.5` run once per session (the main
+    job as a user starts it, a papermill kernel per notebook): (the finished process, its output folder). The slow
+    tests of run_all, evaluation and the learning curve read it; none writes into it except through the CLI's
+    compare."""
+    out = tmp_path_factory.mktemp("smoke_study") / "OUT"
+    run = subprocess.run([sys.executable, str(ROOT / "run_all.py"), "--profile", "smoke", "--models",
+                          *SMOKE_STUDY_MODELS, "--train-fractions", "0.5", "--output", str(out)],
+                         capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    return run, out

@@ -145,3 +145,14 @@ def test_the_epoch_callback_writes_an_event_with_the_validation_numbers(tmp_path
     assert event["event"] == "epoch" and event["arch"] == "vgg16"
     assert (event["phase"], event["epoch"], event["epochs"]) == (2, 4, 6)
     assert event["val_accuracy"] == 0.75 and event["val_loss"] == 0.7 and "loss" not in event
+
+
+def test_an_event_names_its_run_when_run_all_says_which(tmp_path, monkeypatch):
+    path = tmp_path / "progress.jsonl"
+    monkeypatch.setenv(progress.PROGRESS_ENV, str(path))
+    monkeypatch.setenv(progress.RUN_ENV, "ResNet50-seed2-fold1of5")
+    progress.step("data check")
+    monkeypatch.delenv(progress.RUN_ENV)
+    progress.step("split")
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    assert events[0]["run"] == "ResNet50-seed2-fold1of5" and "run" not in events[1]

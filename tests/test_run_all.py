@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -54,7 +55,7 @@ def test_a_failing_notebook_does_not_stop_the_comparison_which_fails_without_mod
     # The Comparison ran, but a comparison of no model is a failure of the run, not "ok".
     assert (tmp_path / "OUT" / "executed_notebooks" / "Comparison.ipynb").exists()
     summary = run.stdout.split("Summary", 1)[1]
-    assert "FAILED Comparison.ipynb" in summary and "no model results" in summary
+    assert "FAILED Comparison" in summary and "no model results" in summary
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -75,19 +76,21 @@ def test_bad_arguments_are_refused_before_any_kernel_starts(tmp_path, capsys, mo
     assert fragment in err and "Traceback" not in err
 
 
-@pytest.mark.slow  # a papermill kernel per notebook
-def test_smoke_run_of_one_model_writes_everything(tmp_path):
-    out = tmp_path / "OUT"
-    run = _run("--profile", "smoke", "--models", "vgg16", "--output", str(out))
+@pytest.mark.slow  # the session's smoke study: a papermill kernel per notebook
+def test_smoke_run_writes_everything_with_our_lines_only(smoke_study):
+    run, out = smoke_study
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for name in ("vgg16.keras", "vgg16_training_history.json", "vgg16_training_history.pkl", "vgg16_results.json",
-                 "vgg16_predictions.csv", "shortcut_baseline_results.json", "comparison.csv", "comparison.md",
-                 "executed_notebooks/VGG16.ipynb", "executed_notebooks/Comparison.ipynb"):
+                 "vgg16_predictions.csv", "resnet50_results.json", "shortcut_baseline_results.json", "comparison.csv",
+                 "comparison.md", "comparison.html", "learning_curve.csv", "learning_curve.png",
+                 "executed_notebooks/VGG16.ipynb", "executed_notebooks/VGG16-frac0.5.ipynb",
+                 "executed_notebooks/Comparison.ipynb"):
         assert (out / name).exists(), name
     executed = json.loads((out / "executed_notebooks" / "VGG16.ipynb").read_text())
     images = [o for c in executed["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 6  # examples, preprocessing, augmentation, curves, confusion, ROC, Grad-CAM
-    assert "[1/2] VGG16.ipynb ok" in run.stdout and "[2/2] Comparison.ipynb ok" in run.stdout
+    for line in ("[1/5] VGG16 ok", "[2/5] ResNet50 ok", "[3/5] VGG16-frac0.5 ok", "[5/5] Comparison ok"):
+        assert line in run.stdout
     # Our lines only: TensorFlow's C++ start-up lines and Jupyter's warnings go to the kernels' logs.
     console = run.stdout + run.stderr
     assert [line for line in console.splitlines() if NOISE.search(line)] == []
@@ -101,6 +104,43 @@ def test_smoke_run_of_one_model_writes_everything(tmp_path):
         notebook = json.loads((out / "executed_notebooks" / name).read_text())
         texts = ["".join(o.get("text", "")) for c in notebook["cells"] for o in c.get("outputs", [])]
         assert [t for t in texts if NOISE.search(t) or "\x1b[" in t] == [], name
+
+
+@pytest.mark.slow  # the session's smoke study
+def test_the_learning_curve_point_trains_on_half_the_cells_and_tests_on_the_studys_test_cells(smoke_study):
+    _, out = smoke_study
+    curve = pd.read_csv(out / "learning_curve.csv")
+    assert sorted(zip(curve["architecture"], curve["train_fraction"])) == [
+        ("resnet50", 0.5), ("resnet50", 1.0), ("vgg16", 0.5), ("vgg16", 1.0)]
+    half, full = (curve[(curve["architecture"] == "vgg16") & (curve["train_fraction"] == f)].iloc[0] for f in (0.5, 1))
+    assert half["train_cells"] < full["train_cells"] and half["n_test"] == full["n_test"]
+    study = pd.read_csv(out / "split.csv")
+    point = pd.read_csv(out / "learning_curve" / "scratch-frac0.5" / "split.csv")
+    assert point.loc[point["subset"] == "test", "path"].tolist() == study.loc[study["subset"] == "test", "path"].tolist()
+    assert "learning curve" in (out / "comparison.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow  # a papermill kernel per notebook: VGG16 in two folds, then the Comparison
+def test_a_two_fold_cross_validation_writes_out_of_fold_results_and_their_comparison(tmp_path):
+    out = tmp_path / "OUT"
+    run = _run("--profile", "smoke", "--models", "vgg16", "--folds", "2", "--output", str(out))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "[1/3] VGG16-seed42-fold1of2 ok" in run.stdout and "[2/3] VGG16-seed42-fold2of2 ok" in run.stdout
+    cv = out / "cv"
+    oof = pd.read_csv(cv / "vgg16_oof_predictions.csv")
+    study = pd.read_csv(cv / "seed42-fold1of2" / "split.csv")
+    assert sorted(oof["path"]) == sorted(study["path"]) and set(oof["fold"]) == {1, 2}  # every image, once
+    results = json.loads((cv / "vgg16_results.json").read_text())
+    assert results["cv"]["folds"] == 2 and len(results["cv"]["per_fold"]) == 2
+    assert results["tta"]["enabled"] and results["calibration"]["temperature"] > 0
+    assert results["shortcut_test"]["background_only"]["accuracy"] is not None
+    table = (cv / "comparison.md").read_text()
+    for text in ("folds mean ± sd", "Colour-only baseline", "background only", "T-scaled"):
+        assert text in table, text
+    assert (cv / "comparison.html").is_file() and (cv / "shortcut_baseline_oof_predictions.csv").is_file()
+    # A rerun skips the folds already done and compares again.
+    again = _run("--profile", "smoke", "--models", "vgg16", "--folds", "2", "--output", str(out))
+    assert again.returncode == 0 and again.stdout.count("already done") == 2
 
 
 def test_the_output_folder_is_the_option_else_the_environment(tmp_path, monkeypatch):
@@ -173,3 +213,16 @@ def test_bad_study_designs_are_refused_before_any_kernel_starts(tmp_path, capsys
     assert run_all.main(["--profile", "smoke", "--output", str(tmp_path / "OUT"), *argv]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
+
+
+def test_an_event_that_names_its_run_is_printed_as_that_runs_whatever_runs_now(tmp_path):
+    # Under --executor ray several notebooks run at once: each event carries its run's label (BLOODCELL_RUN).
+    path = tmp_path / "progress.jsonl"
+    out = io.StringIO()
+    printer = run_all.ProgressPrinter(path, RunClock({"VGG16-seed1-fold1of2": 2, "VGG16-seed1-fold2of2": 2}), out=out,
+                                      interval=0.05)
+    with printer:
+        path.write_text('{"event": "step", "step": "data check", "run": "VGG16-seed1-fold2of2"}\n')
+    assert out.getvalue().startswith("  [VGG16-seed1-fold2of2] data check")
+    job = run_all.notebook_job("VGG16-seed1-fold2of2", run_all.model_notebooks()["vgg16"], tmp_path, {}, {"A": "1"})
+    assert job.env == {"A": "1", "BLOODCELL_RUN": "VGG16-seed1-fold2of2"}
