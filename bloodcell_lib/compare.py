@@ -67,6 +67,14 @@ READ_CALIBRATION = (
     "as the confidence you can trust after that one-number fix, and the interval of the change to see whether the "
     "fix helped on the test cells."
 )
+READ_EXPLANATIONS = (
+    "Every network is explained on one set of test images chosen before any prediction (class-stratified, from the "
+    "split and the seed alone; `set` is its fingerprint, equal for all). Focus: how much of the Grad-CAM heat lies "
+    "on the cell rather than the background. Deletion ÷ random: how fast the predicted class's probability falls "
+    "when the hottest pixels are removed first, relative to removing them in a random order — below 1 means the map "
+    "points at what the prediction rests on, 1 means it does no better than chance. Sanity ρ near 1 would mean the "
+    "map hardly changes when the network's weights are randomised (an explanation of the image, not of the model)."
+)
 READ_TTA = (
     "Each test image is predicted in its 8 rotations and mirror images and the probabilities are averaged (a cell "
     "has no up or down). The paired difference is TTA minus the single pass on the same cells; when its interval "
@@ -713,6 +721,25 @@ def display_tta(table: pd.DataFrame) -> pd.DataFrame:
         "accuracy": [_fmt_ci(r, "accuracy") for _, r in rows.iterrows()],
         "accuracy TTA": [_fmt_ci(r, "tta_accuracy") for _, r in rows.iterrows()],
     }).reset_index(drop=True)
+
+
+def display_explanations(table: pd.DataFrame) -> pd.DataFrame:
+    """Grad-CAM numbers of every network on the study's explanation set, with intervals: focus on the cell,
+    deletion AUC ÷ random-order deletion AUC (below 1: the map finds what the prediction rests on), sanity ρ."""
+    rows = _rows_with(table, "gradcam_focus")
+    return pd.DataFrame({
+        "model": rows["model"],
+        "images": rows["explanation_set_n"].map(lambda v: _int_or_dash(v)),
+        "focus on the cell": [_fmt_ci(r, "gradcam_focus") for _, r in rows.iterrows()],
+        "deletion ÷ random [95% CI]": [_fmt_ci(r, "gradcam_deletion_normalised") for _, r in rows.iterrows()],
+        "deletion AUC": rows["gradcam_deletion_auc"].map(_fmt_num),
+        "sanity ρ (randomised weights)": rows["gradcam_sanity_spearman"].map(_fmt_num),
+        "set": rows["explanation_set_sha256"].map(lambda v: v[:12] if isinstance(v, str) else "—"),
+    }).reset_index(drop=True)
+
+
+def _int_or_dash(value: Any) -> str:
+    return str(int(value)) if _is_num(value) else "—"
 
 
 def display_shortcut(table: pd.DataFrame) -> pd.DataFrame:

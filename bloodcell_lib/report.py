@@ -26,18 +26,20 @@ from bloodcell_lib.atomic import write_text
 from bloodcell_lib.compare import (
     BASELINE_RUN,
     READ_CALIBRATION,
+    READ_EXPLANATIONS,
     READ_SHORTCUT,
     READ_TTA,
     Comparison,
     compare_results,
     display_calibration,
+    display_explanations,
     display_paired,
     display_shortcut,
     display_table,
     display_tta,
 )
-from bloodcell_lib.errors import OutputError
 from bloodcell_lib.crossval import cv_table
+from bloodcell_lib.errors import OutputError
 from bloodcell_lib.figures import figure_png, plot_bars_with_intervals, plot_scatter
 from bloodcell_lib.learning_curve import CURVE_FIGURE, display_learning_curve, learning_curve_table
 from bloodcell_lib.results import figure_path, read_results, results_files, run_of, utc_timestamp
@@ -131,6 +133,8 @@ def report_context(results_dir: Path, comparison: Comparison) -> dict[str, Any]:
             ("Can its confidence be trusted? Calibration", READ_CALIBRATION, display_calibration(comparison.table),
              NOT_RECORDED),
             ("Test-time augmentation", READ_TTA, display_tta(comparison.table), NOT_RECORDED),
+            ("Do the explanations point at the cell? Grad-CAM numbers", READ_EXPLANATIONS,
+             display_explanations(comparison.table), NOT_RECORDED),
             ("Cross-validation: the spread over the fold runs", READ_CV, cv_table(results_dir),
              "No cross-validation in this folder (run_all.py --folds K writes one into OUTPUT/cv)."),
             ("Does transfer learning help? The learning curve", READ_CURVE, curve_rows(results_dir),

@@ -16,7 +16,7 @@ from IPython.display import Image, Markdown
 from bloodcell_lib import evaluation, progress
 from bloodcell_lib.cache import StudyCache
 from bloodcell_lib.classes import CLASSES
-from bloodcell_lib.compare import (BASELINE_RUN, compare_study, display_calibration, display_paired,
+from bloodcell_lib.compare import (BASELINE_RUN, compare_study, display_calibration, display_explanations, display_paired,
                                    display_shortcut, display_table, display_tta)
 from bloodcell_lib.config import (AUTO, NOTEBOOK_OUTPUT, SCRATCH, RunConfig, check_image_size, output_dir_override,
                                   resolve)
@@ -341,6 +341,12 @@ def show_calibration(comparison):
     """Per network: the temperature fitted on validation, and ECE, classwise ECE and Brier before and after it."""
     shown = display_calibration(comparison.table)
     return shown if not shown.empty else "No network in this folder recorded a calibration."
+
+
+def show_explanations(comparison):
+    """Per network: Grad-CAM focus and deletion ÷ random-order deletion with intervals, on the shared image set."""
+    shown = display_explanations(comparison.table)
+    return shown if not shown.empty else "No network in this folder recorded Grad-CAM numbers."
 
 
 def show_tta(comparison):

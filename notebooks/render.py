@@ -247,6 +247,15 @@ Each test image predicted in its 8 rotations and mirror images, the probabilitie
 or down). The difference is TTA minus the single pass on the same cells, with a paired interval: when it
 includes 0, averaging over orientations does not change the score on this test set."""),
         code("study.show_tta(comparison)"),
+        md("""## Do the explanations point at the cell?
+
+Every network is explained on one set of test images chosen before any prediction (class-stratified, from the
+split and the seed alone; `set` is its fingerprint and must be equal for all). *Focus*: how much of the Grad-CAM
+heat lies on the cell. *Deletion ÷ random*: how fast the predicted class's probability falls when the hottest
+pixels are removed first, relative to removing them in a random order — below 1 the map points at what the
+prediction rests on, at 1 it does no better than chance; read the interval, not just the number. *Sanity ρ*
+near 1 would mean the map hardly changes when the weights are randomised."""),
+        code("study.show_explanations(comparison)"),
         md("## Grad-CAM on the same test images, side by side"),
         code("study.show_gradcam_side_by_side(OUTPUT_DIR)"),
         md("""## Shortcut and leakage
