@@ -40,6 +40,7 @@ with native_stderr_to(_STARTUP_LOG):
     from bloodcell_lib.leakage import measure_leakage
     from bloodcell_lib.progress import HEADLESS_ENV, PROGRESS_ENV, RUN_ENV, RunClock, clock_time, progress_line, timing
     from bloodcell_lib.registry import ARCHITECTURES
+    from bloodcell_lib.synthetic import make_stand_in
 
 HERE = Path(__file__).resolve().parent
 NOTEBOOKS = HERE / "notebooks"
@@ -361,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Progress below; what the kernels print outside the notebooks (TensorFlow's start-up lines, Jupyter's "
           f"warnings) is in {logs}.", flush=True)
 
+    if args.data_dir is None:
+        # Made here, once, before any notebook starts: notebooks running at once (--executor ray) must not race to
+        # write it; each notebook then finds it made (study.configure).
+        print(f"Synthetic stand-in: {make_stand_in(cfg)}", flush=True)
     started = time.time()
     env = kernel_environment(output)
     jobs = study_jobs(args, cfg, models, executed, parameters, env)

@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'image' ignores duplicates and leaks; it exists only to measure that leakage")
     p.add_argument("--metadata", help="optional CSV with columns file,group to merge into duplicate groups")
 
-    p = add("train", "Fine-tune one architecture in two phases and save it to the output folder.", _cmd_train)
+    p = add("train", "Train one architecture (pretrained: two-phase fine-tuning; weights none: end to end) and save it.", _cmd_train)
     p.add_argument("--arch", required=True, help="registry key, e.g. vgg16, resnet50, xception, densenet201, efficientnetb3")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--split", help="split CSV; made (and saved next to the model) when omitted")

@@ -118,6 +118,8 @@ class RunConfig:
     synth_size: int = 128
     synth_duplicates: int = 2
     synth_shortcut: bool = False
+    # The stand-in's generator seed: fixed, not the run's seed, so runs with other seeds (--seeds) share one dataset.
+    synth_seed: int = DEFAULT_SEED
     gradcam_images: int = 50
     # Test-time augmentation at evaluation (mean over the 8 rotations/flips); None: per profile (paper on).
     tta: bool | None = None
@@ -265,7 +267,7 @@ _FIELDS = frozenset(f.name for f in dataclasses.fields(RunConfig))
 SETTING_GROUPS: dict[str, tuple[str, ...]] = {
     "data": ("data_dir", "split_path", "split_by", "val_fraction", "test_fraction", "folds", "fold",
              "train_fraction", "curve_point", "image_size",
-             "synth_per_class", "synth_size", "synth_duplicates", "synth_shortcut"),
+             "synth_per_class", "synth_size", "synth_duplicates", "synth_shortcut", "synth_seed"),
     "model": ("arch", "weights", "dropout", "hidden_units"),
     "training": ("recipe", "epochs", "head_epochs", "unfreeze_layers", "batch_size", "seed", "class_weights",
                  "patience"),

@@ -159,7 +159,8 @@ def describe_event(event: Mapping[str, Any]) -> str | None:
     if kind == "step":
         return str(event.get("step"))
     if kind == "training":
-        return f"training: up to {event.get('epochs')} epochs in two phases"
+        recipe = event.get("recipe")  # e.g. "fine-tune (2 phases)", "from scratch (1 phase)"
+        return f"training: up to {event.get('epochs')} epochs{', ' + recipe if recipe else ''}"
     if kind == "epoch":
         numbers = ", ".join(f"{k} {event[k]:.3f}" for k in EPOCH_METRICS if isinstance(event.get(k), (int, float)))
         return (f"training phase {event.get('phase')}, epoch {event.get('epoch')}/{event.get('epochs')}"

@@ -33,7 +33,7 @@ from bloodcell_lib.pipeline import augment_image, load_images
 from bloodcell_lib.registry import get_arch
 from bloodcell_lib.report import cost_scatter, metric_bars, write_comparison_report
 from bloodcell_lib.split import SPLIT_FILE, resolve_split
-from bloodcell_lib.synthetic import ensure_synthetic_dataset
+from bloodcell_lib.synthetic import make_stand_in
 from bloodcell_lib.predict import prepare_image
 from bloodcell_lib.training import train_from_config, trainable_layers
 
@@ -44,8 +44,7 @@ def configure(arch: str, profile: str = AUTO, data_dir: str | None = None, **par
     cfg = resolve(profile, spec=get_arch(arch), stand_in=True, imagenet_reachable=imagenet_available,
                   default_output=NOTEBOOK_OUTPUT, data_dir=data_dir, **params)
     if not data_dir:  # resolve chose the stand-in (or refused the paper profile without data)
-        ensure_synthetic_dataset(cfg.data_dir, per_class=cfg.synth_per_class, size=cfg.synth_size,
-                                 duplicates=cfg.synth_duplicates, seed=cfg.seed, shortcut=cfg.synth_shortcut)
+        make_stand_in(cfg)
     return cfg
 
 
@@ -193,7 +192,7 @@ def model_summary(cfg: RunConfig) -> pd.DataFrame:
 def train(cfg: RunConfig, split: pd.DataFrame):
     """Train the architecture with the run's recipe (two-phase fine-tuning, or every layer from scratch); a live
     progress bar when watched, a line per epoch when headless."""
-    progress.emit("training", arch=cfg.arch, epochs=cfg.epochs)
+    progress.emit("training", arch=cfg.arch, epochs=cfg.epochs, recipe=cfg.recipe_label)
     result = train_from_config(cfg.replace(split_path=split.attrs["split_path"]))
     meta = result.history.get("meta") or {}
     progress.emit("trained", arch=cfg.arch, epochs_run=len(result.history.get("phase", [])),

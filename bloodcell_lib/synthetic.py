@@ -25,6 +25,7 @@ import pandas as pd
 
 from bloodcell_lib.atomic import write_json, write_text
 from bloodcell_lib.classes import CLASSES, FILE_PREFIXES
+from bloodcell_lib.config import RunConfig
 from bloodcell_lib.errors import ConfigError, DatasetError
 from bloodcell_lib.images import HIDDEN_FILES
 
@@ -170,6 +171,13 @@ def ensure_synthetic_dataset(
     make_synthetic_dataset(out, per_class=per_class, size=size, duplicates=duplicates, seed=seed, shortcut=shortcut)
     write_json(stamp, wanted)
     return out
+
+
+def make_stand_in(cfg: RunConfig) -> Path:
+    """The synthetic stand-in a run without a dataset trains on, at cfg.data_dir, with the run's synth_* settings
+    (made once, then reused). Its seed is synth_seed, not the run's seed: repeated seeds share one dataset."""
+    return ensure_synthetic_dataset(cfg.data_dir, per_class=cfg.synth_per_class, size=cfg.synth_size,
+                                    duplicates=cfg.synth_duplicates, seed=cfg.synth_seed, shortcut=cfg.synth_shortcut)
 
 
 def load_manifest(path: str | Path) -> pd.DataFrame:

@@ -56,7 +56,8 @@ class TrainResult:
 def train_from_config(
     cfg: RunConfig, verbose: int = 1, callbacks: Iterable[keras.callbacks.Callback] = ()
 ) -> TrainResult:
-    """Make or load the split, build the model, fine-tune it in two phases, save model, history and split.
+    """Make or load the split, build the model, train it with the run's recipe (two-phase fine-tuning, or end to end
+    from scratch), save model, history and split.
 
     One run per output folder and architecture at a time (a lock file); a second is refused, naming the first.
     """

@@ -226,3 +226,20 @@ def test_an_event_that_names_its_run_is_printed_as_that_runs_whatever_runs_now(t
     assert out.getvalue().startswith("  [VGG16-seed1-fold2of2] data check")
     job = run_all.notebook_job("VGG16-seed1-fold2of2", run_all.model_notebooks()["vgg16"], tmp_path, {}, {"A": "1"})
     assert job.env == {"A": "1", "BLOODCELL_RUN": "VGG16-seed1-fold2of2"}
+
+
+def test_the_stand_in_is_made_once_before_any_notebook_starts_with_its_own_seed(tmp_path, monkeypatch):
+    # Under --executor ray the notebooks start at once: none may be left to make the synthetic set (they raced and
+    # one read a half-made set). Its seed is synth_seed, not the run's: --seeds 1 2 train on one dataset.
+    stamp = tmp_path / "OUT" / "synthetic_data" / "synth_params.json"
+    seen = {}
+
+    def fake_run_jobs(jobs, **kw):
+        seen["stamp"] = json.loads(stamp.read_text())
+        return [run_all.JobResult(job.label, True, 0.0) for job in jobs]
+
+    monkeypatch.setattr(run_all, "run_jobs", fake_run_jobs)
+    monkeypatch.setattr(run_all, "run_step", lambda i, total, job, printer: (job.label, True, 0.0, ""))
+    run_all.main(["--profile", "smoke", "--models", "vgg16", "--folds", "2", "--seeds", "1", "2", "--output",
+                  str(tmp_path / "OUT")])
+    assert seen["stamp"]["seed"] == 42 and seen["stamp"]["per_class"] == 8
