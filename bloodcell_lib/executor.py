@@ -184,7 +184,7 @@ def _run_on_ray(jobs: Sequence[NotebookJob], address: str | None, on_start: OnSt
         # Our console lines only: Ray's own logs stay in its session folder (/tmp/ray/session_*/logs).
         local = {} if address else {"include_dashboard": False}
         try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **local)
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, **local)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ExecutorError(f"Cannot start or join the Ray cluster at {address or 'a new local instance'}: "
                                 f"{exc}. Start one with `ray start --head` and pass its address, or leave "
