@@ -36,8 +36,7 @@ from bloodcell_lib.errors import BloodcellError
 from bloodcell_lib.explain import METHODS, SCORE_KEYS, summarise_explanations
 from bloodcell_lib.metrics import compute_metrics, scores_against
 from bloodcell_lib.results import (IMAGE_SPLIT_SUFFIX, PROB_COLUMNS, TTA_VARIANT, library_versions,
-                                   predictions_path, read_results, results_files, run_of, utc_timestamp,
-                                   write_results)
+                                   predictions_path, read_results_folder, run_of, utc_timestamp, write_results)
 from bloodcell_lib.shortcut import chance_accuracy, reads_background
 from bloodcell_lib.split import SPLIT_FILE, split_sha256
 
@@ -85,12 +84,9 @@ def collect_cross_validation(study_dir: str | Path) -> list[str]:
                 problems.append(f"shortcut baseline of seed {seed} fold {fold}/{folds}: {exc}")
     runs: dict[str, dict[tuple[int, int, int], dict[str, Any]]] = {}
     for key, folder in folders.items():
-        for path in results_files(folder):
-            try:
-                results = read_results(path)
-            except (OSError, ValueError) as exc:
-                problems.append(f"{path}: unreadable ({exc.__class__.__name__})")
-                continue
+        found, unreadable = read_results_folder(folder)
+        problems += unreadable
+        for results in found:
             name = run_of(results)
             if not name.endswith(IMAGE_SPLIT_SUFFIX):
                 runs.setdefault(name, {})[key] = {**results, "_folder": str(folder)}
@@ -185,11 +181,7 @@ def cross_validated_results(name: str, per_fold: dict[tuple[int, int, int], dict
 def cv_table(results_dir: str | Path) -> pd.DataFrame:
     """Per run: folds, seeds, and mean ± sd over the fold runs of CV_KEYS (from the cross-validated results)."""
     rows = []
-    for path in results_files(results_dir):
-        try:
-            results = read_results(path)
-        except (OSError, ValueError):
-            continue  # compare_results names the unreadable file; this table only lists cross-validated runs
+    for results in read_results_folder(results_dir)[0]:  # compare_results names an unreadable file
         cv = results.get("cv")
         if not cv:
             continue

@@ -19,7 +19,7 @@ from bloodcell_lib.atomic import write_text
 from bloodcell_lib.baseline import RUN_NAME as BASELINE_RUN
 from bloodcell_lib.config import CURVE_FOLDER, curve_init
 from bloodcell_lib.figures import plot_learning_curve
-from bloodcell_lib.results import IMAGE_SPLIT_SUFFIX, read_results, results_files, run_of
+from bloodcell_lib.results import IMAGE_SPLIT_SUFFIX, read_results_folder, run_of
 from bloodcell_lib.split import SPLIT_FILE, sidecar_path
 
 CURVE_FILE = "learning_curve.csv"
@@ -53,12 +53,9 @@ def learning_curve_table(study_dir: str | Path) -> tuple[pd.DataFrame, list[str]
             continue
         train = split[split["subset"] == "train"]
         fraction = _fraction(folder, study_dir)
-        for path in results_files(folder):
-            try:
-                results = read_results(path)
-            except (OSError, ValueError) as exc:
-                problems.append(f"{path}: unreadable ({exc.__class__.__name__}); left out of the learning curve")
-                continue
+        found, unreadable = read_results_folder(folder)
+        problems += [f"{problem}; left out of the learning curve" for problem in unreadable]
+        for results in found:
             run = run_of(results)
             if run == BASELINE_RUN or run.endswith(IMAGE_SPLIT_SUFFIX):
                 continue

@@ -159,6 +159,17 @@ def read_results(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def read_results_folder(folder: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every readable `*_results.json` of a folder (sorted by name), and a problem line per unreadable one."""
+    found, problems = [], []
+    for path in results_files(folder):
+        try:
+            found.append(read_results(path))
+        except (OSError, ValueError) as exc:
+            problems.append(f"{path}: unreadable ({exc.__class__.__name__})")
+    return found, problems
+
+
 def split_info(split: pd.DataFrame) -> dict[str, Any]:
     """The split's file, its SHA-256, the fingerprint of its images, how it was made and its subset sizes."""
     path = split.attrs.get("split_path")

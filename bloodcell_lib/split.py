@@ -305,14 +305,7 @@ def assign_folds(labels: np.ndarray, units: np.ndarray, folds: int, seed: int) -
 
 def _fold_subsets(y: np.ndarray, units: np.ndarray, folds: int, fold: int, val: float, seed: int) -> np.ndarray:
     """Test = the images of fold `fold`; val carved (a val share of all images) from the others; the rest train."""
-    test_idx = np.flatnonzero(assign_folds(y, units, folds, seed) == fold)
-    rest = np.setdiff1d(np.arange(len(y)), test_idx)
-    val_of_rest = min(val / (1.0 - len(test_idx) / len(y)), 0.5)
-    val_idx = _carve_fold(y, units, rest, val_of_rest, seed, "val", groups_left=1)
-    subset = np.full(len(y), "train", dtype=object)
-    subset[test_idx] = "test"
-    subset[val_idx] = "val"
-    return subset
+    return _val_and_train_around(y, units, np.flatnonzero(assign_folds(y, units, folds, seed) == fold), val, seed)
 
 
 def split_sha256(path: str | Path) -> str:
@@ -604,16 +597,22 @@ def _require_enough_groups(labels: pd.Series, units: pd.Series, split_by: str,
         unit = "images" if split_by == "image" else "duplicate groups"
         detail = ", ".join(f"{c}: {n}" for c, n in few.items())
         raise SplitError(
-            f"Too few {unit} to split: every class needs at least {minimum} (one each for train, val "
-            f"and test{', and one per fold' if minimum > MIN_GROUPS_PER_CLASS else ''}), but {detail}. Add images of those classes; copies of one cell count once."
+            f"Too few {unit} to split: every class needs at least {minimum} (one each for train, val and test"
+            f"{', and one per fold' if minimum > MIN_GROUPS_PER_CLASS else ''}), but {detail}. Add images of those "
+            "classes; copies of one cell count once."
         )
 
 
 def _assign_subsets(y: np.ndarray, units: np.ndarray, val: float, test: float, seed: int) -> np.ndarray:
     """Carve test from everything, then val from the rest; both with StratifiedGroupKFold folds."""
-    everything = np.arange(len(y))
-    test_idx = _carve_fold(y, units, everything, test, seed, "test", groups_left=2)
-    rest = np.setdiff1d(everything, test_idx)
+    test_idx = _carve_fold(y, units, np.arange(len(y)), test, seed, "test", groups_left=2)
+    return _val_and_train_around(y, units, test_idx, val, seed)
+
+
+def _val_and_train_around(y: np.ndarray, units: np.ndarray, test_idx: np.ndarray, val: float, seed: int) -> np.ndarray:
+    """The subset of every image given the test images: val carved (a val share of all images) from the rest with
+    StratifiedGroupKFold folds, the rest train."""
+    rest = np.setdiff1d(np.arange(len(y)), test_idx)
     val_of_rest = min(val / (1.0 - len(test_idx) / len(y)), 0.5)
     val_idx = _carve_fold(y, units, rest, val_of_rest, seed, "val", groups_left=1)
     subset = np.full(len(y), "train", dtype=object)
