@@ -3,6 +3,15 @@
 Every number is measured in the process that calls `measure_cost`, on its machine, and the dict says
 which device that was: a latency from a Colab T4 and one from a laptop CPU are not comparable.
 FLOPs count a multiply-add as two operations (the TensorFlow profiler's convention).
+
+One traced graph serves every number: `compiled_forward` traces the inference pass once for any batch size; latency
+and throughput time it, and the TF profiler counts FLOPs on that same graph re-imported with the batch fixed at 1
+(shape inference on import, variables standing in as placeholders of their shapes). Tracing a deep network costs
+seconds (DenseNet201: ~5 s, freezing its variables into constants ~9 s more), so the graph is traced once, never
+frozen, and the caller may pass the one it traced already (evaluation shares it with the deletion curves). The count
+equals the profiler's on a separately traced, frozen batch-1 graph (tests/test_cost.py checks it on small networks;
+the five registry networks were checked at their smoke and native sizes). A cache of counts was not chosen: every
+run would still trace the graph for latency, and a cache could outlive a change of the graph.
 """
 
 from __future__ import annotations
@@ -22,23 +31,19 @@ import tensorflow as tf
 from bloodcell_lib.errors import ModelError
 from bloodcell_lib.quiet import quiet_tensorflow
 
-try:  # TensorFlow's private graph freezer, which the profiler's count needs; without it FLOPs are counted analytically
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-except ImportError:
-    convert_variables_to_constants_v2 = None
-
 
 def measure_cost(model, model_path: str | Path | None = None, training_seconds: float | None = None,
                  epochs: int | None = None, repeats: int = 20, batch_size: int = 32,
-                 throughput_repeats: int | None = None) -> dict[str, Any]:
+                 throughput_repeats: int | None = None, forward=None) -> dict[str, Any]:
     """Return a JSON-ready dict: params, FLOPs per image, .keras size, training time, latency, throughput, device.
 
     Latency is the median of `repeats` timed batch-1 calls after warm-up; throughput is images per second
     at `batch_size` (median of `throughput_repeats` calls, default max(3, repeats // 4)).
+    forward: the model's compiled_forward when the caller has one (None → traced here); it is timed and counted.
     """
     size = _input_size(model)
-    flops, method = graph_flops(model, size)
-    forward = _forward(model, size)
+    forward = forward if forward is not None else compiled_forward(model, size)
+    flops, method = graph_flops(model, size, forward)
     latency = _timed_calls(forward, _zeros(1, size), repeats)
     batch_times = _timed_calls(forward, _zeros(batch_size, size), throughput_repeats or max(3, repeats // 4))
     return {
@@ -62,16 +67,17 @@ def measure_cost(model, model_path: str | Path | None = None, training_seconds: 
     }
 
 
-def graph_flops(model, size: tuple[int, ...] | None = None) -> tuple[int, str]:
-    """Return (FLOPs per image, method): the TF profiler on the frozen batch-1 graph, else an analytic count.
+def graph_flops(model, size: tuple[int, ...] | None = None, forward=None) -> tuple[int, str]:
+    """Return (FLOPs per image, method): the TF profiler on the traced graph at batch 1, else an analytic count.
 
     The profiler cannot see inside nested function calls (Keras runs grouped convolutions on CPU that
     way), so a count below the analytic one means ops were missed and the analytic count is returned.
+    forward: the model's compiled_forward, if traced already (None → traced here).
     """
     size = size or _input_size(model)
     analytic = analytic_flops(model)
     try:
-        counted = _profiler_flops(model, size)
+        counted = _profiler_flops(forward if forward is not None else compiled_forward(model, size), size)
     except Exception:  # noqa: BLE001 - the v1 profiler is optional; the analytic count is the documented fallback
         return analytic, "analytic"
     if counted < 0.95 * analytic:
@@ -103,6 +109,16 @@ def analytic_flops(model) -> int:
     return int(total)
 
 
+def compiled_forward(model, size: tuple[int, ...] | None = None):
+    """The model's inference-mode forward pass as a tf.function traced once for any batch size (on first use).
+
+    model.predict re-plans on every call and an eager call pays Python per layer; this graph is what latency
+    times, what the FLOPs are counted on, and what evaluation's deletion curves run, so one trace serves all three.
+    """
+    signature = [tf.TensorSpec([None, *(size or _input_size(model))], tf.float32)]
+    return tf.function(lambda x: model(x, training=False), input_signature=signature, autograph=False)
+
+
 def device_name() -> str:
     """Return the GPU's name if TensorFlow sees one, else the CPU model and its core count."""
     for gpu in tf.config.list_physical_devices("GPU"):
@@ -129,12 +145,6 @@ def _zeros(batch: int, size: tuple[int, ...]):
     return tf.zeros((batch, *size), tf.float32)
 
 
-def _forward(model, size: tuple[int, ...]):
-    """An inference-mode forward pass traced once for any batch size: times the model, not Python."""
-    signature = [tf.TensorSpec([None, *size], tf.float32)]
-    return tf.function(lambda x: model(x, training=False), input_signature=signature, autograph=False)
-
-
 def _timed_calls(fn, x, repeats: int, warmup: int = 2) -> list[float]:
     for _ in range(warmup):  # the first call traces; later ones settle caches and thread pools
         np.asarray(fn(x))
@@ -146,16 +156,29 @@ def _timed_calls(fn, x, repeats: int, warmup: int = 2) -> list[float]:
     return times
 
 
-def _profiler_flops(model, size: tuple[int, ...]) -> int:
-    if convert_variables_to_constants_v2 is None:
-        raise RuntimeError("this TensorFlow has no graph freezer for the profiler")
-    concrete = tf.function(lambda x: model(x, training=False), autograph=False).get_concrete_function(
-        tf.TensorSpec([1, *size], tf.float32))
-    frozen = convert_variables_to_constants_v2(concrete)
+def _profiler_flops(forward, size: tuple[int, ...]) -> int:
+    """The TF profiler's FLOPs of forward's traced graph with the batch fixed at 1.
+
+    The graph is re-imported with a batch-1 input and each variable read replaced by a placeholder of its shape:
+    shape inference then gives every op the static shape the profiler's per-op counts need, which is what
+    freezing the variables into constants achieved at several seconds' cost for a deep network.
+    """
+    concrete = forward.get_concrete_function()
+    graph = concrete.graph
+    counted = tf.Graph()
+    with counted.as_default():
+        mapping = {concrete.inputs[0].name: tf.compat.v1.placeholder(tf.float32, [1, *size])}
+        for op in graph.get_operations():
+            if op.type == "ReadVariableOp":
+                value = op.outputs[0]
+                if not value.shape.is_fully_defined():
+                    raise RuntimeError(f"variable read {op.name} has no static shape")
+                mapping[value.name] = tf.compat.v1.placeholder(value.dtype, value.shape)
+        tf.graph_util.import_graph_def(graph.as_graph_def(), input_map=mapping, name="")
     builder = tf.compat.v1.profiler.ProfileOptionBuilder
     options = builder(builder.float_operation()).with_empty_output().build()
     with quiet_tensorflow():
-        profile = tf.compat.v1.profiler.profile(graph=frozen.graph, run_meta=tf.compat.v1.RunMetadata(),
+        profile = tf.compat.v1.profiler.profile(graph=counted, run_meta=tf.compat.v1.RunMetadata(),
                                                 cmd="op", options=options)
     if profile is None or profile.total_float_ops <= 0:
         raise RuntimeError("the profiler counted no floating-point operations")

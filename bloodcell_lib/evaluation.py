@@ -33,15 +33,16 @@ from bloodcell_lib.atomic import describe_os_error, write_text
 from bloodcell_lib.calibration import apply_temperature, calibration_report, plot_reliability, reliability_curve
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.config import DEFAULT_BOOTSTRAP, DEFAULT_SEED, RunConfig, profile_config, resolve_profile
-from bloodcell_lib.cost import measure_cost
+from bloodcell_lib.cost import compiled_forward, measure_cost
 from bloodcell_lib.errors import OutputError, ProvenanceError
 from bloodcell_lib.explain import (
     METHODS,
     explanation_scores,
     feature_grid,
-    gradcam_heatmaps,
+    heatmaps_by_method,
     overlay_heatmap,
     random_deletion_auc,
+    randomised_heatmaps,
     summarise_explanations,
 )
 from bloodcell_lib.history import history_path, load_history
@@ -207,7 +208,7 @@ def explanation_set_record(rows: pd.DataFrame, n_requested: int, seed: int) -> d
 
 def explain_model(model, split: pd.DataFrame, frame: pd.DataFrame, output_dir: Path, name: str,
                   n_images: int, seed: int = 0, make_figures: bool = True,
-                  n_boot: int = DEFAULT_BOOTSTRAP) -> dict[str, Any]:
+                  n_boot: int = DEFAULT_BOOTSTRAP, forward=None) -> dict[str, Any]:
     """Grad-CAM and Grad-CAM++ on the study's explanation set: focus, deletion AUC (raw, random-order, normalised)
     and sanity, each with a group-bootstrap interval (explain.summarise_explanations).
 
@@ -216,6 +217,8 @@ def explain_model(model, split: pd.DataFrame, frame: pd.DataFrame, output_dir: P
     explain.SCORE_KEYS), `<name>_gradcam.npz` (the images' paths, true and predicted classes, Grad-CAM heatmaps) and,
     with make_figures, Grad-CAM and sample-prediction grids of the first GRADCAM_FIGURE_PER_CLASS of each class.
     frame: the test subset's predictions (their predicted classes are the ones explained); empty → nothing.
+    forward: the model's traced inference pass (cost.compiled_forward) for the deletion curves; None → explain's own.
+    Both methods' maps come from one Grad-CAM pass, and one randomised copy gives both their sanity references.
     """
     if n_images <= 0 or frame.empty:
         return {}
@@ -233,14 +236,14 @@ def explain_model(model, split: pd.DataFrame, frame: pd.DataFrame, output_dir: P
     block: dict[str, Any] = {"mask_source": mask_source, "layer": layer,
                              "image_set": explanation_set_record(chosen, n_images, seed), "image_paths": paths}
     # One random-order reference for both methods: it depends on the images, classes, steps and baseline only.
-    random_auc = random_deletion_auc(model, x, pred, seed=seed, grid=feature_grid(model, layer))
+    random_auc = random_deletion_auc(model, x, pred, seed=seed, grid=feature_grid(model, layer), forward=forward)
     per_image = pd.DataFrame({"path": paths, "true_label": chosen["label"].to_numpy(),
                               "pred_label": shown["pred_label"].to_numpy(), "group": groups})
-    heat = {}
+    heat = heatmaps_by_method(model, x, pred, layer, METHODS)
+    random_heat = randomised_heatmaps(model, x, pred, layer, METHODS, seed=seed)
     for method in METHODS:
-        heat[method] = gradcam_heatmaps(model, x, class_indices=pred, layer=layer, method=method)
         scores = explanation_scores(model, x, masks, pred, layer, method, seed=seed, heatmaps=heat[method],
-                                    random_auc=random_auc)
+                                    random_auc=random_auc, random_heatmaps=random_heat[method], forward=forward)
         block[method] = summarise_explanations(scores, groups, n_boot=n_boot, seed=seed)
         per_image = per_image.join(scores.add_prefix(f"{method}_"))
     block["scores_file"] = write_text(explanations_path(output_dir, name), per_image.to_csv(index=False)).name
@@ -327,10 +330,11 @@ def evaluate(model, split: pd.DataFrame, subset: str = "test", output_dir: str |
             original_proba=frame[PROB_COLUMNS].to_numpy(dtype=np.float64), n_boot=n_boot, seed=seed,
             mask_source=mask_source)
         del images
+        forward = compiled_forward(model)  # traced once: the cost's timings and FLOPs, and the deletion curves
         results["cost"] = measure_cost(model, model_path=model_path, training_seconds=meta.get("total_seconds"),
-                                       epochs=(epochs or {}).get("total"), repeats=cost_repeats)
+                                       epochs=(epochs or {}).get("total"), repeats=cost_repeats, forward=forward)
         results["explainability"] = explain_model(model, split, frame if subset == "test" else frame.iloc[:0],
-                                                  work, name, gradcam_images, seed, make_figures, n_boot)
+                                                  work, name, gradcam_images, seed, make_figures, n_boot, forward)
         if make_figures:
             results["figures"] = [str(output_dir / Path(p).name)
                                   for p in save_figures(frame, metrics, work, name, _curves(history))]

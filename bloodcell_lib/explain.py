@@ -9,6 +9,15 @@ loop per image. This is correct because in inference mode every image's class sc
 its own activations, so the gradient of the *sum* of the batch's scores is each image's own gradient.
 The class score is the pre-softmax logit (recovered from the final Dense layer): gradients of a
 saturated softmax probability vanish and give empty maps for confidently classified cells.
+
+Grad-CAM and Grad-CAM++ weight the same activations and gradients differently, so every method asked for comes from
+one pass (heatmaps_by_method); the sanity test's randomised copy is made once and explains every method
+(randomised_heatmaps). Eager or traced: tracing the Grad-CAM or forward graph of a deep network costs 5-10 s
+(DenseNet201) and pays off only over many calls; an eager call costs a second or two of Python per pass. So a pass
+runs eagerly when its images hold at most EAGER_MAX_PIXELS pixels in all (images × height × width: one batch of 32
+images of 96×96 — the smoke and demo profiles) and is traced above that (the paper profile: 100 images at 224-300
+px, as before); `eager=` overrides the rule. Deletion curves run on a forward pass the caller may share
+(`forward=`, e.g. cost.compiled_forward, which evaluation traces once for the cost and the curves alike).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from scipy.stats import rankdata
 
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.config import DEFAULT_BOOTSTRAP
+from bloodcell_lib.cost import compiled_forward
 from bloodcell_lib.errors import ConfigError, ModelError
 from bloodcell_lib.figures import plot_image_grid
 from bloodcell_lib.metrics import bootstrap_ci
@@ -46,17 +56,41 @@ SCORE_KEYS: tuple[str, ...] = ("focus", "deletion_auc", "deletion_auc_random", "
 DELETION_STEPS = 10
 # The random deletion order draws from its own stream of the seed, apart from deletion_auc's tie-breaking.
 _RANDOM_ORDER_STREAM = 1
+# A pass over at most this many pixels in all (images × height × width) runs eagerly, a larger one is traced
+# (see the module docstring): one batch of 32 images of 96×96.
+EAGER_MAX_PIXELS = 32 * 96 * 96
 
 
 def gradcam_heatmaps(model, images: np.ndarray, class_indices: Sequence[int] | np.ndarray | None = None,
-                     layer: str | None = None, method: str = "gradcam", batch_size: int = 32) -> np.ndarray:
+                     layer: str | None = None, method: str = "gradcam", batch_size: int = 32,
+                     eager: bool | None = None) -> np.ndarray:
     """Return float32 N×H×W heatmaps in [0, 1], upsampled (bilinear) to the image size.
 
     images: preprocessed float32 N×H×W×3 (what the model takes). class_indices: the class explained per
     image; None → the predicted class. layer: a 4-D layer of the model; None → `default_layer(model)`.
+    eager: True/False forces an eager or a traced pass; None → by EAGER_MAX_PIXELS (module docstring).
     """
-    heat, _ = _heatmaps_and_classes(model, images, class_indices, layer, method, batch_size)
+    return heatmaps_by_method(model, images, class_indices, layer, (method,), batch_size, eager)[method]
+
+
+def heatmaps_by_method(model, images: np.ndarray, class_indices: Sequence[int] | np.ndarray | None = None,
+                       layer: str | None = None, methods: Sequence[str] = METHODS, batch_size: int = 32,
+                       eager: bool | None = None) -> dict[str, np.ndarray]:
+    """method → gradcam_heatmaps(..., method) for each of methods, all from one forward and backward pass per batch."""
+    heat, _ = _heatmaps_and_classes(model, images, class_indices, layer, methods, batch_size, eager)
     return heat
+
+
+def randomised_heatmaps(model, images: np.ndarray, class_indices: Sequence[int] | np.ndarray,
+                        layer: str | None = None, methods: Sequence[str] = METHODS, seed: int = 0,
+                        batch_size: int = 32, eager: bool | None = None) -> dict[str, np.ndarray]:
+    """method → the heatmaps of randomised_copy(model, seed) for the given classes: the sanity test's reference.
+
+    One copy explains every method (the copy is a function of the model and seed alone). class_indices: the classes
+    the trained model's maps explain, so both explain the same class. layer None → default_layer(model).
+    """
+    layer = layer or default_layer(model)
+    return heatmaps_by_method(randomised_copy(model, seed), images, class_indices, layer, methods, batch_size, eager)
 
 
 def overlay_heatmap(image_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4,
@@ -126,9 +160,9 @@ def explain_image(model, image_uint8: np.ndarray, true_label: str | None = None,
     spec = _registry_spec(model.name)
     batch = image[None]
     x = spec.network_input(batch) if spec is not None else batch.astype(np.float32)
-    proba = _run_batched(_compiled_forward(model, x.shape[1:]), x, 1)[0]
+    proba = _run_batched(_forward_pass(model, x, None), x, 1)[0]
     predicted = [int(np.argmax(proba))]
-    heatmaps = {method: gradcam_heatmaps(model, x, predicted, layer, method)[0] for method in METHODS}
+    heatmaps = {method: heat[0] for method, heat in heatmaps_by_method(model, x, predicted, layer).items()}
     return ImageExplanation(image, proba, heatmaps, true_label)
 
 
@@ -168,12 +202,14 @@ def focus_score(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 def deletion_auc(model, images: np.ndarray, heatmaps: np.ndarray, class_indices: Sequence[int] | np.ndarray,
                  steps: int = DELETION_STEPS, baseline_value: float | str | None = None, batch_size: int = 32,
-                 seed: int = 0) -> np.ndarray:
+                 seed: int = 0, forward=None) -> np.ndarray:
     """Per image: area under the class probability as the most salient pixels are removed (lower = better).
 
     Pixels are removed in `steps` equal shares, most salient first (ties in random order), and replaced
     by baseline_value: None → the image's per-channel mean, "blur" → a Gaussian-blurred copy, or a number.
-    Each forward pass holds all images at one step; the curve runs over removed fractions 0..1.
+    The curve runs over removed fractions 0..1; the (steps + 1) × N deleted images go through the model
+    batch_size at a time. forward: the model's inference pass to use (e.g. cost.compiled_forward, shared by the
+    caller); None → one eager or traced by EAGER_MAX_PIXELS.
     """
     x = np.asarray(images, dtype=np.float32)
     heat = np.asarray(heatmaps, dtype=np.float32)
@@ -192,12 +228,19 @@ def deletion_auc(model, images: np.ndarray, heatmaps: np.ndarray, class_indices:
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(h * w)[None, :].repeat(n, axis=0), axis=-1)
     rank = rank.reshape(n, h, w, 1)
-    forward = _compiled_forward(model, x.shape[1:])
-    curve = np.empty((steps + 1, n), dtype=np.float64)
-    for k in range(steps + 1):
-        removed = rank < int(round(k * h * w / steps))
-        proba = _run_batched(forward, np.where(removed, base, x), batch_size)
-        curve[k] = proba[np.arange(n), classes]
+    cuts = np.array([int(round(k * h * w / steps)) for k in range(steps + 1)])
+    # Entry j of the flattened curve is step j // n of image j % n: batches run across steps, not one step at a time.
+    curve = np.empty((steps + 1) * n, dtype=np.float64)
+    forward = forward if forward is not None else _forward_pass(model, x, None, repeat=steps + 1)
+    step = max(1, batch_size)
+    with quiet_tensorflow():
+        for start in range(0, len(curve), step):
+            j = np.arange(start, min(start + step, len(curve)))
+            k, i = j // n, j % n
+            removed = rank[i] < cuts[k][:, None, None, None]
+            deleted = np.where(removed, base[i] if len(base) == n else base, x[i])
+            curve[j] = np.asarray(forward(deleted), dtype=np.float64)[np.arange(len(j)), classes[i]]
+    curve = curve.reshape(steps + 1, n)
     return (curve[:-1] + curve[1:]).sum(axis=0) / (2.0 * steps)  # trapezoid rule over fractions 0..1
 
 
@@ -218,15 +261,16 @@ def random_order_heatmaps(n: int, height: int, width: int, grid: tuple[int, int]
 
 def random_deletion_auc(model, images: np.ndarray, class_indices: Sequence[int] | np.ndarray,
                         steps: int = DELETION_STEPS, baseline_value: float | str | None = None, batch_size: int = 32,
-                        seed: int = 0, grid: tuple[int, int] | None = None) -> np.ndarray:
+                        seed: int = 0, grid: tuple[int, int] | None = None, forward=None) -> np.ndarray:
     """Per image: deletion_auc with the pixels removed in a seeded random order (random_order_heatmaps).
 
     Same steps, baseline and explained class as the map's deletion: the AUC of a map that knows nothing, which
     deletion_auc_normalised divides by. grid: the explained layer's grid (feature_grid), None → pixel by pixel.
+    forward: as for deletion_auc.
     """
     x = np.asarray(images, dtype=np.float32)
     maps = random_order_heatmaps(len(x), x.shape[1], x.shape[2], grid, seed)
-    return deletion_auc(model, x, maps, class_indices, steps, baseline_value, batch_size, seed)
+    return deletion_auc(model, x, maps, class_indices, steps, baseline_value, batch_size, seed, forward)
 
 
 def feature_grid(model, layer: str | None = None) -> tuple[int, int] | None:
@@ -278,7 +322,8 @@ def explanation_scores(model, images: np.ndarray, masks: np.ndarray | None = Non
                        class_indices: Sequence[int] | np.ndarray | None = None, layer: str | None = None,
                        method: str = "gradcam", seed: int = 0, steps: int = DELETION_STEPS,
                        baseline_value: float | str | None = None, batch_size: int = 32,
-                       heatmaps: np.ndarray | None = None, random_auc: np.ndarray | None = None) -> pd.DataFrame:
+                       heatmaps: np.ndarray | None = None, random_auc: np.ndarray | None = None,
+                       random_heatmaps: np.ndarray | None = None, forward=None) -> pd.DataFrame:
     """One row per image: the SCORE_KEYS of one method's maps; the settings they were made with in `.attrs`.
 
     focus: focus_score on the masks (NaN without masks). deletion_auc: the class probability's area as the map's
@@ -286,15 +331,18 @@ def explanation_scores(model, images: np.ndarray, masks: np.ndarray | None = Non
     on the explained layer's grid, same steps, baseline and class (random_deletion_auc; random_auc passes one
     computed for the same images and classes, e.g. shared by Grad-CAM and Grad-CAM++). deletion_auc_normalised:
     deletion_auc ÷ deletion_auc_random, 1 when the map finds the decisive pixels no faster than chance, lower is
-    better (NaN when the random AUC is 0). sanity_spearman: rank correlation with a randomised copy's maps.
+    better (NaN when the random AUC is 0). sanity_spearman: rank correlation with a randomised copy's maps
+    (random_heatmaps passes that copy's maps of the same images and classes, e.g. one copy's randomised_heatmaps
+    shared by the methods). forward: the model's inference pass for the deletion curves (see deletion_auc).
     """
     layer = layer or default_layer(model)
-    heatmaps, classes = _maps_and_classes(model, images, class_indices, heatmaps, layer, method, batch_size)
     x = np.asarray(images, dtype=np.float32)
+    forward = forward if forward is not None else _forward_pass(model, x, None, repeat=steps + 1)
+    heatmaps, classes = _maps_and_classes(model, x, class_indices, heatmaps, layer, method, batch_size, forward)
     grid = feature_grid(model, layer)
-    deletion = deletion_auc(model, x, heatmaps, classes, steps, baseline_value, batch_size, seed)
+    deletion = deletion_auc(model, x, heatmaps, classes, steps, baseline_value, batch_size, seed, forward)
     if random_auc is None:
-        random_auc = random_deletion_auc(model, x, classes, steps, baseline_value, batch_size, seed, grid)
+        random_auc = random_deletion_auc(model, x, classes, steps, baseline_value, batch_size, seed, grid, forward)
     random_auc = np.asarray(random_auc, dtype=np.float64)
     if random_auc.shape != deletion.shape:
         raise ValueError(f"explanation_scores: {random_auc.shape} random-order AUCs for {len(x)} images.")
@@ -305,7 +353,8 @@ def explanation_scores(model, images: np.ndarray, masks: np.ndarray | None = Non
         "deletion_auc": deletion,
         "deletion_auc_random": random_auc,
         "deletion_auc_normalised": normalised,
-        "sanity_spearman": _randomisation_rho(model, x, heatmaps, classes, layer, method, seed, batch_size),
+        "sanity_spearman": _randomisation_rho(model, x, heatmaps, classes, layer, method, seed, batch_size,
+                                              random_heatmaps),
     }, columns=list(SCORE_KEYS))
     scores.attrs = {
         "method": method, "layer": layer, "deletion_steps": int(steps),
@@ -400,9 +449,14 @@ def spearman_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # Internals
 
 
-def _heatmaps_and_classes(model, images, class_indices, layer, method, batch_size) -> tuple[np.ndarray, np.ndarray]:
-    if method not in METHODS:
-        raise ConfigError(f"Unknown explanation method {method!r}; choose one of: {', '.join(METHODS)}.")
+def _heatmaps_and_classes(model, images, class_indices, layer, methods, batch_size,
+                          eager=None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(method → N×H×W maps, the explained classes), every method from one pass per batch."""
+    methods = tuple(methods)
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"Unknown explanation method {unknown[0] if unknown else methods!r}; "
+                          f"choose one of: {', '.join(METHODS)}.")
     x = np.asarray(images, dtype=np.float32)
     if x.ndim != 4:
         raise ValueError(f"gradcam_heatmaps needs images as N×H×W×C, got shape {x.shape}.")
@@ -418,25 +472,28 @@ def _heatmaps_and_classes(model, images, class_indices, layer, method, batch_siz
             raise ValueError(f"gradcam_heatmaps: class indices must lie in 0..{n_classes - 1} for model "
                              f"{model.name!r}, got {wanted.min()}..{wanted.max()}.")
     layer = layer or default_layer(model)
-    fn = _compiled_cam(model, layer, method, x.shape[1:])
-    heat = np.empty(x.shape[:3], dtype=np.float32)
+    fn = _cam_function(model, layer, methods, x.shape[1:], _is_small(x) if eager is None else eager)
+    heat = {method: np.empty(x.shape[:3], dtype=np.float32) for method in methods}
     classes = np.empty(n, dtype=np.int64)
     step = max(1, batch_size)
     with quiet_tensorflow():
         for start in range(0, n, step):
             maps, chosen = fn(tf.constant(x[start:start + step]), tf.constant(wanted[start:start + step]))
-            heat[start:start + step] = maps.numpy()
+            for method, batch_maps in zip(methods, maps):
+                heat[method][start:start + step] = batch_maps.numpy()
             classes[start:start + step] = chosen.numpy()
     return heat, classes
 
 
-def _maps_and_classes(model, images, class_indices, heatmaps, layer, method, batch_size):
+def _maps_and_classes(model, images, class_indices, heatmaps, layer, method, batch_size, forward=None):
     """Heatmaps and explained classes, computing only what the caller did not pass."""
     if heatmaps is None:
-        return _heatmaps_and_classes(model, images, class_indices, layer, method, batch_size)
+        heat, classes = _heatmaps_and_classes(model, images, class_indices, layer, (method,), batch_size)
+        return heat[method], classes
     if class_indices is None:
         x = np.asarray(images, dtype=np.float32)
-        class_indices = _run_batched(_compiled_forward(model, x.shape[1:]), x, batch_size).argmax(axis=1)
+        forward = forward if forward is not None else _forward_pass(model, x, None)
+        class_indices = _run_batched(forward, x, batch_size).argmax(axis=1)
     return np.asarray(heatmaps, dtype=np.float32), np.asarray(class_indices, dtype=np.int64)
 
 
@@ -452,10 +509,11 @@ def _shared_examples(saved: list[GradcamExamples], per_class: int) -> list[str]:
     return picked
 
 
-def _compiled_cam(model, layer: str, method: str, image_shape: tuple[int, ...]):
-    """Trace the batch Grad-CAM function once per call; the unknown batch size lets every batch reuse it.
+def _cam_function(model, layer: str, methods: tuple[str, ...], image_shape: tuple[int, ...], eager: bool):
+    """The batch Grad-CAM function (x, wanted) → (one map batch per method, explained classes), eager or traced.
 
-    Not cached across calls on purpose: a cache keyed by the model would keep every model alive.
+    Traced: once per call of this function; the unknown batch size lets every batch reuse it. Not cached across
+    calls on purpose: a cache keyed by the model would keep every model alive.
     """
     grad_model, to_scores = _grad_model(model, layer)
     height, width = image_shape[0], image_shape[1]
@@ -468,18 +526,26 @@ def _compiled_cam(model, layer: str, method: str, image_shape: tuple[int, ...]):
             chosen = tf.where(wanted < 0, tf.cast(tf.argmax(scores, axis=1), tf.int32), wanted)
             target = tf.reduce_sum(tf.gather(scores, chosen, axis=1, batch_dims=1))
         grads = tf.cast(tape.gradient(target, acts), tf.float32)
-        if method == "gradcam":
-            weights = tf.reduce_mean(grads, axis=(1, 2))
-        else:
-            weights = _gradcam_pp_weights(acts, grads)
-        cam = tf.nn.relu(tf.einsum("bhwc,bc->bhw", acts, weights))
-        cam = tf.where(tf.math.is_finite(cam), cam, tf.zeros_like(cam))  # an overflowing random model
-        cam = tf.image.resize(cam[..., None], (height, width), method="bilinear")[..., 0]
-        peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
-        return tf.math.divide_no_nan(cam, peak), chosen
+        return tuple(_cam(acts, _channel_weights(method, acts, grads), height, width) for method in methods), chosen
 
+    if eager:
+        return batch_cam
     signature = [tf.TensorSpec([None, *image_shape], tf.float32), tf.TensorSpec([None], tf.int32)]
     return tf.function(batch_cam, input_signature=signature, autograph=False)
+
+
+def _channel_weights(method: str, acts, grads):
+    """Per image and channel: Grad-CAM's mean gradient, or Grad-CAM++'s weights from the same gradients."""
+    return tf.reduce_mean(grads, axis=(1, 2)) if method == "gradcam" else _gradcam_pp_weights(acts, grads)
+
+
+def _cam(acts, weights, height: int, width: int):
+    """ReLU of the weighted channel sum, upsampled bilinearly to height × width, divided by its peak per image."""
+    cam = tf.nn.relu(tf.einsum("bhwc,bc->bhw", acts, weights))
+    cam = tf.where(tf.math.is_finite(cam), cam, tf.zeros_like(cam))  # an overflowing random model
+    cam = tf.image.resize(cam[..., None], (height, width), method="bilinear")[..., 0]
+    peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
+    return tf.math.divide_no_nan(cam, peak)
 
 
 def _gradcam_pp_weights(acts, grads):
@@ -546,10 +612,16 @@ def _registry_spec(name: str):
         return None
 
 
-def _compiled_forward(model, image_shape: tuple[int, ...]):
-    """Inference-mode forward pass traced once for any batch size (model.predict re-plans on every call)."""
-    signature = [tf.TensorSpec([None, *image_shape], tf.float32)]
-    return tf.function(lambda x: model(x, training=False), input_signature=signature, autograph=False)
+def _is_small(x: np.ndarray, repeat: int = 1) -> bool:
+    """Whether a pass over x (repeat times) is small enough to run eagerly: at most EAGER_MAX_PIXELS in all."""
+    return repeat * x.shape[0] * x.shape[1] * x.shape[2] <= EAGER_MAX_PIXELS
+
+
+def _forward_pass(model, x: np.ndarray, eager: bool | None, repeat: int = 1):
+    """The model's inference pass for x (repeat times): eager, or cost.compiled_forward; eager None → by _is_small."""
+    if _is_small(x, repeat) if eager is None else eager:
+        return lambda batch: model(batch, training=False)
+    return compiled_forward(model, tuple(x.shape[1:]))
 
 
 def _run_batched(fn, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -571,9 +643,18 @@ def _deletion_baseline(x: np.ndarray, baseline_value: float | str | None) -> np.
                       f"got {baseline_value!r}.")
 
 
-def _randomisation_rho(model, images, heatmaps, classes, layer, method, seed, batch_size) -> np.ndarray:
-    """Per image: Spearman correlation of the maps with a randomised copy's maps of the same classes."""
-    random_maps = gradcam_heatmaps(randomised_copy(model, seed), images, classes, layer, method, batch_size)
+def _randomisation_rho(model, images, heatmaps, classes, layer, method, seed, batch_size,
+                       random_maps: np.ndarray | None = None) -> np.ndarray:
+    """Per image: Spearman correlation of the maps with a randomised copy's maps of the same classes.
+
+    random_maps: that copy's maps when the caller made them (randomised_heatmaps); None → made here.
+    """
+    if random_maps is None:
+        random_maps = randomised_heatmaps(model, images, classes, layer, (method,), seed, batch_size)[method]
+    random_maps = np.asarray(random_maps, dtype=np.float32)
+    if random_maps.shape != np.shape(heatmaps):
+        raise ValueError(f"explanation_scores: randomised maps {random_maps.shape} do not match the maps "
+                         f"{np.shape(heatmaps)}.")
     return spearman_per_image(heatmaps, random_maps)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bloodcell_lib.cost import analytic_flops, device_name, graph_flops, measure_cost
+from bloodcell_lib.cost import analytic_flops, compiled_forward, device_name, graph_flops, measure_cost
 from bloodcell_lib.errors import ModelError
 
 # Conv 3×3, 3→8 channels on 16×16 ('same'), global average pooling, Dense 8→2: counted by hand,
@@ -68,6 +68,36 @@ def test_analytic_flops_of_depthwise_separable_and_grouped_layers():
     assert graph_flops(separable_only) == (depthwise_flops + separable_flops, "tf_profiler")
     # Whichever way it is counted, no layer may be left out (the profiler misses nested function calls).
     assert graph_flops(grouped)[0] >= analytic_flops(grouped)
+
+
+def frozen_batch1_flops(model):
+    """The count before the shared graph: the profiler on a separately traced batch-1 graph, variables frozen."""
+    freezer = pytest.importorskip("tensorflow.python.framework.convert_to_constants")
+    size = tuple(model.inputs[0].shape[1:])
+    concrete = tf.function(lambda x: model(x, training=False), autograph=False).get_concrete_function(
+        tf.TensorSpec([1, *size], tf.float32))
+    builder = tf.compat.v1.profiler.ProfileOptionBuilder
+    options = builder(builder.float_operation()).with_empty_output().build()
+    frozen = freezer.convert_variables_to_constants_v2(concrete)
+    return tf.compat.v1.profiler.profile(graph=frozen.graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op",
+                                         options=options).total_float_ops
+
+
+def test_flops_counted_on_the_shared_traced_graph_equal_the_frozen_batch1_count():
+    inp = keras.Input((12, 12, 3))
+    h = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inp)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.SeparableConv2D(6, 3, padding="same")(h)
+    h = keras.layers.DepthwiseConv2D(3, padding="same")(h)
+    h = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(h))
+    for model in (tiny_net(), keras.Model(inp, keras.layers.Activation("softmax")(h), name="mixed")):
+        forward = compiled_forward(model)
+        cost = measure_cost(model, repeats=2, forward=forward)
+        assert (cost["flops_per_image"], cost["flops_method"]) == (frozen_batch1_flops(model), "tf_profiler")
+        assert graph_flops(model, forward=forward) == graph_flops(model) == (cost["flops_per_image"], "tf_profiler")
+        assert forward.experimental_get_tracing_count() == 1  # FLOPs, latency and throughput: one trace
+        np.testing.assert_allclose(np.asarray(forward(np.ones((3, *model.inputs[0].shape[1:]), np.float32))),
+                                   np.asarray(model(np.ones((3, *model.inputs[0].shape[1:]), np.float32))), atol=1e-6)
 
 
 def test_model_without_a_fixed_size_is_a_clear_error():

@@ -15,27 +15,34 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+from bloodcell_lib import explain
 from bloodcell_lib.classes import CLASSES
+from bloodcell_lib.cost import compiled_forward
 from bloodcell_lib.errors import ConfigError, ModelError
 from bloodcell_lib.evaluation import explain_model, explanation_set
 from bloodcell_lib.explain import (
+    METHODS,
     SCORE_KEYS,
     default_layer,
     deletion_auc,
     explain_summary,
+    explanation_scores,
     feature_grid,
     focus_score,
     gradcam_heatmaps,
     gradcam_side_by_side,
+    heatmaps_by_method,
     overlay_heatmap,
     random_deletion_auc,
     random_order_heatmaps,
     randomised_copy,
+    randomised_heatmaps,
     sanity_check,
     spearman_per_image,
     summarise_explanations,
 )
 from bloodcell_lib.model import build_model
+from bloodcell_lib.pipeline import load_images
 from bloodcell_lib.registry import ARCHITECTURES
 from bloodcell_lib.results import PROB_COLUMNS, GradcamExamples, explanations_path, write_gradcam
 from bloodcell_lib.synthetic import TINY_SET, load_manifest, make_synthetic_dataset
@@ -321,6 +328,120 @@ def test_saved_and_reloaded_model_gives_the_same_maps(blob, tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path, safe_mode=True)
     np.testing.assert_allclose(gradcam_heatmaps(loaded, x[:8]), gradcam_heatmaps(model, x[:8]), atol=1e-5)
+
+
+# The fast paths (both methods from one pass, eager passes, one shared randomised copy, deletion batched across steps,
+# a shared traced forward) must give the numbers of the path before them: one traced pass per method, a randomised
+# copy per method, one deletion step per forward pass.
+
+
+def separate_traced_maps(model, x, classes=None, layer=None):
+    """The previous path: one traced Grad-CAM pass per method."""
+    return {method: gradcam_heatmaps(model, x, classes, layer, method, eager=False) for method in METHODS}
+
+
+def step_by_step_deletion_auc(model, x, heat, classes, steps=explain.DELETION_STEPS, baseline_value=None, seed=0):
+    """deletion_auc as it was computed before: every image at one step per forward pass, traced forward."""
+    n, h, w = x.shape[:3]
+    base = explain._deletion_baseline(x, baseline_value)
+    flat = np.asarray(heat, np.float32).reshape(n, -1)
+    order = np.lexsort((np.random.default_rng(seed).random(flat.shape), -flat), axis=-1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(h * w)[None, :].repeat(n, axis=0), axis=-1)
+    rank = rank.reshape(n, h, w, 1)
+    forward = compiled_forward(model, x.shape[1:])
+    curve = np.stack([np.asarray(forward(np.where(rank < int(round(k * h * w / steps)), base, x)),
+                                 np.float64)[np.arange(n), classes] for k in range(steps + 1)])
+    return (curve[:-1] + curve[1:]).sum(axis=0) / (2.0 * steps)
+
+
+@pytest.fixture
+def tinynet(monkeypatch):
+    monkeypatch.setitem(ARCHITECTURES, TINYNET.key, TINYNET)
+    keras.utils.set_random_seed(5)
+    return build_model("tinynet", image_size=SIZE, weights=None)
+
+
+@pytest.mark.parametrize("net", ["blob", "tinynet"])
+def test_eager_and_one_pass_heatmaps_equal_one_traced_pass_per_method(blob, tinynet, net):
+    model, x = (blob[0], blob[1][:20]) if net == "blob" else (tinynet, blob_images(12, seed=4)[0] * 60.0)
+    layer = default_layer(model)
+    predicted = np.asarray(model(x, training=False)).argmax(axis=1)
+    for classes in (None, (predicted + 1) % int(model.outputs[0].shape[-1])):
+        reference = separate_traced_maps(model, x, classes, layer)
+        for eager in (True, False):
+            shared = heatmaps_by_method(model, x, classes, layer, eager=eager, batch_size=7)
+            assert list(shared) == list(METHODS)
+            for method in METHODS:
+                np.testing.assert_allclose(shared[method], reference[method], atol=1e-5, err_msg=f"{method} {eager}")
+                np.testing.assert_allclose(gradcam_heatmaps(model, x, classes, layer, method, eager=eager),
+                                           reference[method], atol=1e-5)
+    assert not np.allclose(reference["gradcam"], reference["gradcam++"], atol=1e-3)  # two methods, two answers
+
+
+def test_one_randomised_copy_for_both_methods_gives_the_sanity_numbers_of_one_copy_each(blob):
+    model, x, _, _ = blob
+    x = x[:16]
+    classes = model.predict(x, verbose=0).argmax(axis=1)
+    maps = heatmaps_by_method(model, x, classes)
+    shared = randomised_heatmaps(model, x, classes, seed=3)
+    for method in METHODS:
+        before = spearman_per_image(maps[method], gradcam_heatmaps(randomised_copy(model, seed=3), x, classes,
+                                                                   method=method, eager=False))
+        scores = explanation_scores(model, x, None, classes, method=method, seed=3, steps=4, heatmaps=maps[method],
+                                    random_heatmaps=shared[method])
+        own_copy = explanation_scores(model, x, None, classes, method=method, seed=3, steps=4, heatmaps=maps[method])
+        np.testing.assert_allclose(scores["sanity_spearman"], before, atol=1e-4)
+        pd.testing.assert_frame_equal(scores, own_copy)
+    assert sanity_check(model, x, seed=3)["spearman_mean"] == pytest.approx(
+        float(np.nanmean(spearman_per_image(maps["gradcam"], shared["gradcam"]))), abs=1e-4)
+    with pytest.raises(ValueError, match="randomised maps"):
+        explanation_scores(model, x, None, classes, heatmaps=maps["gradcam"], random_heatmaps=shared["gradcam"][:3])
+
+
+@pytest.mark.parametrize("baseline", [None, "blur", 0.5])
+def test_deletion_batched_across_steps_equals_one_step_per_pass(blob, baseline):
+    model, x, _, _ = blob
+    x = x[:13]
+    classes = model.predict(x, verbose=0).argmax(axis=1)
+    heat = gradcam_heatmaps(model, x)
+    before = step_by_step_deletion_auc(model, x, heat, classes, steps=5, baseline_value=baseline, seed=2)
+    traced = compiled_forward(model)
+    for batch_size, forward in ((1, None), (6, traced), (1000, lambda b: model(b, training=False))):
+        np.testing.assert_allclose(deletion_auc(model, x, heat, classes, 5, baseline, batch_size, seed=2,
+                                                forward=forward), before, atol=1e-6)
+    assert traced.experimental_get_tracing_count() == 1
+
+
+def test_explain_model_gives_the_numbers_of_the_one_method_at_a_time_path(tiny_set, tmp_path, tinynet, monkeypatch):
+    manifest = load_manifest(tiny_set)
+    split = pd.DataFrame({"path": manifest["file"], "label": manifest["class"], "group": manifest["cell_id"],
+                          "subset": "test"})
+    split.attrs["data_root"] = str(tiny_set)
+    model = tinynet
+    rows = explanation_set(split, 10, seed=7)
+    images, _, paths = load_images(rows, "test", SIZE)
+    x = TINYNET.network_input(images)
+    proba = np.asarray(model(TINYNET.network_input(load_images(split, "test", SIZE)[0]), training=False))
+    frame = pd.DataFrame({"path": split["path"], "true_label": split["label"], "group": split["group"],
+                          "pred_label": [CLASSES[i] for i in proba.argmax(axis=1)], **dict(zip(PROB_COLUMNS, proba.T))})
+    copies = []
+    monkeypatch.setattr(explain, "randomised_copy", lambda *a, **k: copies.append(1) or randomised_copy(*a, **k))
+    forward = compiled_forward(model)
+    block = explain_model(model, split, frame, tmp_path, "tinynet", 10, seed=7, make_figures=False, n_boot=20,
+                          forward=forward)
+    assert len(copies) == 1 and forward.experimental_get_tracing_count() == 1  # one copy; the shared graph reused
+    per_image = pd.read_csv(explanations_path(tmp_path, "tinynet"))
+    assert per_image["path"].tolist() == paths == block["image_paths"]
+    pred = per_image["pred_label"].map(CLASSES.index).to_numpy()
+    random_maps = random_order_heatmaps(len(x), SIZE, SIZE, feature_grid(model), seed=7)
+    random_auc = step_by_step_deletion_auc(model, x, random_maps, pred, seed=7)
+    for method, heat in separate_traced_maps(model, x, pred).items():
+        deletion = step_by_step_deletion_auc(model, x, heat, pred, seed=7)
+        rho = spearman_per_image(heat, gradcam_heatmaps(randomised_copy(model, seed=7), x, pred, method=method,
+                                                        eager=False))
+        for key, before in (("deletion_auc", deletion), ("deletion_auc_random", random_auc), ("sanity_spearman", rho)):
+            np.testing.assert_allclose(per_image[f"{method}_{key}"], before, atol=1e-5, err_msg=f"{method} {key}")
 
 
 @pytest.mark.slow  # a full ResNet50
