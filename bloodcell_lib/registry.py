@@ -28,6 +28,9 @@ class ArchSpec:
     last_conv_layer: str  # Grad-CAM target: the last layer with a spatial feature map
     unfreeze_layers: int  # default count of top base layers made trainable in phase 2 (BatchNorm stays frozen)
     notebook: str  # stem of the model's notebook, e.g. notebooks/VGG16.ipynb
+    # From scratch, the run's scratch_learning_rate is multiplied by this (config.resolve, with a note): a network
+    # without BatchNorm (VGG16) stalls at chance with Adam 1e-3 from random weights and trains at 1e-4.
+    scratch_lr_factor: float = 1.0
 
     def network_input(self, images_uint8: np.ndarray) -> np.ndarray:
         """uint8 N×H×W×3 RGB images as this network takes them: float32 through its own preprocess_input."""
@@ -45,6 +48,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             native_size=224, min_size=32, last_conv_layer="block5_conv3",
             unfreeze_layers=4,  # block5: three convolutions and the pool
             notebook="VGG16",
+            scratch_lr_factor=0.1,  # no BatchNorm: demo from scratch at 1e-3 stayed at chance (macro-F1 0.06)
         ),
         ArchSpec(
             key="resnet50", display_name="ResNet50",

@@ -56,7 +56,8 @@ def run_fingerprint(model: keras.Model, cfg: RunConfig, unfreeze: int, resume_ke
         "head_lr": cfg.head_lr, "finetune_lr": cfg.finetune_lr, "unfreeze_layers": unfreeze,
         "dropout": cfg.dropout, "hidden_units": cfg.hidden_units, "patience": cfg.patience,
         "class_weights": cfg.class_weights, "recipe": cfg.training_recipe,
-        "scratch_learning_rate": cfg.scratch_learning_rate, "lr_factor": cfg.lr_factor,
+        "scratch_learning_rate": cfg.scratch_learning_rate, "scratch_bn_momentum": cfg.scratch_bn_momentum,
+        "lr_factor": cfg.lr_factor,
         "lr_patience": cfg.reduce_lr_patience, "min_lr": cfg.min_lr, "augment_brightness": cfg.augment_brightness,
         "augment_contrast": cfg.augment_contrast, **dict(resume_key or {}),
     }

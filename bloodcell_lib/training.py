@@ -162,6 +162,8 @@ def fine_tune(
     unfreeze = cfg.unfreeze_layers if cfg.unfreeze_layers is not None else spec.unfreeze_layers
     monitor = "val_loss" if val_data is not None else "loss"
     recipe = cfg.training_recipe
+    if recipe == SCRATCH and cfg.scratch_bn_momentum is not None:
+        set_batchnorm_momentum(model, cfg.scratch_bn_momentum)
     journal = Journal(resume_dir, run_fingerprint(model, cfg, unfreeze, resume_key), verbose)
     keras.utils.set_random_seed(cfg.seed)
     try:
@@ -232,6 +234,14 @@ def prepare_phase(model: keras.Model, phase: int, unfreeze_layers: int, recipe: 
     chosen = {id(layer) for layer in trainable_layers(model, phase, unfreeze_layers, recipe)}
     for layer in base_layers(model) + head_layers(model):
         layer.trainable = id(layer) in chosen
+
+
+def set_batchnorm_momentum(model: keras.Model, momentum: float) -> int:
+    """Set the momentum of every BatchNormalization layer (read at each training step); return how many there are."""
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in layers:
+        layer.momentum = float(momentum)
+    return len(layers)
 
 
 def trainable_layers(model: keras.Model, phase: int, unfreeze_layers: int,

@@ -181,7 +181,8 @@ def test_describe_prints_every_setting_grouped_with_its_source(tmp_path):
     assert "Recipe       : from scratch (1 phase)" in text
     for line in ("augment_brightness    = 0.05  [parameter]", "augment_contrast      = 0.1  [default]",
                  "lr_factor             = 0.2  [default]", "lr_patience           = None  [default]",
-                 "min_lr                = 1e-07  [default]", "scratch_learning_rate = 0.001  [default]",
+                 "min_lr                = 1e-07  [default]",
+                 "scratch_learning_rate = 0.0001  [resolve (see NOTE)]",  # VGG16's registry factor 0.1
                  "epochs                = 2  [profile smoke]", "recipe                = auto → from scratch (1 phase)"):
         assert line in text
     assert text.index("  augmentation") < text.index("augment_brightness")
@@ -212,3 +213,15 @@ def test_schedule_and_augmentation_fields_keep_the_old_constants_and_check_their
                 dict(augment_contrast=1.0), dict(augment_contrast=-0.1)):
         with pytest.raises(ConfigError):
             RunConfig(**bad)
+
+
+def test_a_network_without_batchnorm_trains_from_scratch_at_its_registry_share_of_the_rate():
+    from bloodcell_lib.registry import get_arch
+
+    vgg = resolve("smoke", spec=get_arch("vgg16"))
+    assert vgg.scratch_learning_rate == pytest.approx(1e-4) and vgg.source("scratch_learning_rate") == config.RULE
+    assert "registry scratch_lr_factor" in vgg.why("scratch_learning_rate")
+    assert resolve("smoke", spec=get_arch("resnet50")).scratch_learning_rate == 1e-3  # BatchNorm: the run's rate
+    assert resolve("smoke", spec=get_arch("vgg16"), scratch_learning_rate=3e-3).scratch_learning_rate == 3e-3
+    tuned = resolve("paper", spec=get_arch("vgg16"), data_dir="/data")  # pretrained: fine-tuning rates untouched
+    assert tuned.scratch_learning_rate == 1e-3 and tuned.why("scratch_learning_rate") is None

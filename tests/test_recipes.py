@@ -70,6 +70,23 @@ def test_from_scratch_every_layer_trains_from_the_first_epoch_in_one_phase(tinyn
     assert not np.allclose(moving_mean, 0.0) and not np.allclose(moving_var, 1.0)
 
 
+def test_from_scratch_batchnorm_momentum_comes_from_the_configuration(tinynet):
+    # Momentum 0: after each step the moving statistics are the last batch's, far from their initial 0 and 1;
+    # left unset (None), the network keeps its own 0.99.
+    model, *_ = _run(tinynet, RunConfig(arch="tinynet", epochs=1, image_size=SIZE, weights=None, run_eagerly=True,
+                                        scratch_bn_momentum=0.0))
+    assert model.get_layer("tiny_bn").momentum == 0.0
+    unset, *_ = _run(tinynet, RunConfig(arch="tinynet", epochs=1, image_size=SIZE, weights=None, run_eagerly=True))
+    assert unset.get_layer("tiny_bn").momentum == 0.99
+    # Only from scratch: fine-tuning keeps BatchNorm frozen with its pretrained statistics and momentum.
+    tuned = build_model("tinynet", image_size=SIZE, weights=None)
+    fine_tune(tuned, tiny_data(tinynet, n=8), None, RunConfig(arch="tinynet", epochs=2, image_size=SIZE,
+              weights=None, recipe="fine-tune", run_eagerly=True, scratch_bn_momentum=0.0), verbose=0)
+    assert tuned.get_layer("tiny_bn").momentum == 0.99
+    with pytest.raises(ConfigError, match="scratch_bn_momentum"):
+        RunConfig(scratch_bn_momentum=1.0)
+
+
 def test_pretrained_weights_are_fine_tuned_in_two_phases_with_batchnorm_frozen(tinynet, tmp_path):
     weights = tmp_path / "tinynet_notop.weights.h5"
     _tiny_base(input_tensor=keras.Input((SIZE, SIZE, 3))).save_weights(weights)  # a local "imagenet-like" file
