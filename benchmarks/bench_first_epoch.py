@@ -50,7 +50,7 @@ def timed_check(data_root, cache) -> float:
 def main() -> None:
     args = _common.parse_args(__doc__.splitlines()[0], _arguments)
     _common.print_header("first epoch: make_dataset from the study cache vs seed-style OpenCV loop")
-    from bloodcell_lib.cache import CACHE_FOLDER, StudyCache, study_side
+    from bloodcell_lib.cache import CACHE_FOLDER, StudyCache, study_side, study_sizes
     from bloodcell_lib.registry import get_arch
 
     preprocess = get_arch(args.arch).preprocess
@@ -60,8 +60,10 @@ def main() -> None:
         files = [f"{root}/{p}" for p in split["path"]]
         n = len(files)
         side = study_side("native")
+        beside = ", ".join(str(s) for s in study_sizes("native") if s < side)
         print(f"{n} JPEGs of {args.source_size} px → {args.image_size} px, batch {args.batch_size}, "
-              f"{args.arch} preprocess_input; study cache at {side} px (the largest native input)")
+              f"{args.arch} preprocess_input; study cache at {side} px (the largest native input), {beside} px "
+              "(the other networks' native inputs) stored beside it")
         # Every method starts from the OS page cache (the check has just read every file in a real study).
         for path in files:
             with open(path, "rb") as fh:
@@ -76,7 +78,8 @@ def main() -> None:
         seed_times = seed_loop_epochs(files, args.image_size, preprocess, args.batch_size, max(1, args.seed_epochs))
         uncached = first_epoch(split, args.image_size, preprocess, args.batch_size, image_cache=None)
         check_plain = timed_check(root, None)
-        check_fill = timed_check(root, StudyCache(cache_root, side))
+        # The cache study.check_data fills: StudyCache.in_output (at `side`, every native size beside it).
+        check_fill = timed_check(root, StudyCache.in_output(folder, "native"))
         cached = first_epoch(split, args.image_size, preprocess, args.batch_size, StudyCache(cache_root, side))
         check_again = timed_check(root, StudyCache(cache_root, side))
         load_after = _common.load1()

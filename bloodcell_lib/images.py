@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -34,20 +35,26 @@ def read_rgb(path: str | Path, min_side: int | None = None) -> np.ndarray:
     return read_rgb_sized(path, min_side)[0]
 
 
-def read_rgb_sized(path: str | Path, min_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """Return (RGB array as read_rgb gives it, (height, width) of the full-resolution image as displayed)."""
+def read_rgb_sized(path: str | Path, min_side: int | None = None,
+                   data: bytes | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Return (RGB array as read_rgb gives it, (height, width) of the full-resolution image as displayed).
+
+    data: the file's bytes when the caller has read them already (e.g. to hash them): decoded from memory instead
+    of reading the file again; path then only names it in errors.
+    """
     path = Path(path)
-    if path.is_dir():
-        raise ImageDecodeError(f"{path}: is a folder, not an image file; pass the image files inside it "
-                               f"(e.g. {path}/*.jpg).")
-    if not path.exists():
-        raise ImageDecodeError(f"{path}: no such file; check the path.")
+    if data is None:
+        if path.is_dir():
+            raise ImageDecodeError(f"{path}: is a folder, not an image file; pass the image files inside it "
+                                   f"(e.g. {path}/*.jpg).")
+        if not path.exists():
+            raise ImageDecodeError(f"{path}: no such file; check the path.")
     try:
-        if path.stat().st_size == 0:
+        if (len(data) if data is not None else path.stat().st_size) == 0:
             raise ImageDecodeError(f"{path}: the file is empty (0 bytes); delete or replace it.")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path if data is None else io.BytesIO(data)) as img:
                 width, height = img.size
                 if width * height > MAX_PIXELS:
                     raise ImageTooLargeError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bloodcell_lib import cache as cache_module
 from bloodcell_lib import images, pipeline
-from bloodcell_lib.cache import CACHE_FOLDER, StudyCache, study_side
+from bloodcell_lib.cache import CACHE_FOLDER, StudyCache, study_side, study_sizes
 from bloodcell_lib.dataset import check_dataset
 from bloodcell_lib.split import load_split, make_split, save_split
 
@@ -21,9 +23,9 @@ def decodes(monkeypatch) -> Counter:
     counts: Counter = Counter()
     original = images.read_rgb_sized
 
-    def counted(path, min_side=None):
+    def counted(path, min_side=None, data=None):
         counts[str(Path(path).resolve())] += 1
-        return original(path, min_side)
+        return original(path, min_side, data)
 
     monkeypatch.setattr(images, "read_rgb_sized", counted)
     return counts
@@ -87,6 +89,49 @@ def test_study_side_is_the_largest_input_the_study_needs():
     assert study_side("native") == 300  # EfficientNetB3's native size
     assert study_side(32) == 71  # the smoke profile's 32 px, raised to Xception's minimum
     assert study_side(448) == 448
+    assert study_sizes("native") == (224, 299, 300) and study_sizes(32) == (32, 71)
+    assert StudyCache.in_output("OUT", "native").sizes == (224, 299)  # stored beside the 300-px side
+
+
+def test_every_network_size_is_stored_and_reads_as_resizing_the_side_would(tiny_set, tmp_path, monkeypatch):
+    files = _files(tiny_set)[:6]
+    sized = StudyCache(tmp_path / "sized", 40, sizes=(24, 32, 40, 64))
+    assert sized.sizes == (24, 32)  # the side itself and larger sizes are not extra copies
+    shas = sized.ensure(files)
+    stored = sorted(p.name.split(".", 1)[1] for p in (tmp_path / "sized" / "40px").glob("shard-*.npy"))
+    assert stored == ["24px.npy", "32px.npy", "npy"]
+    plain = StudyCache(tmp_path / "plain", 40)
+    plain.ensure(files)
+    expected = {side: plain.images(shas, side) for side in (24, 32, 28)}
+
+    resized = Counter()
+    original = cache_module.fit_square
+    monkeypatch.setattr(cache_module, "fit_square", lambda *a, **k: resized.update([a[1]]) or original(*a, **k))
+    reopened = StudyCache(tmp_path / "sized", 40)  # reading finds the stored sizes without being told them
+    for side, want in expected.items():
+        np.testing.assert_array_equal(reopened.images(shas, side), want)
+    assert resized == {28: len(files)}  # 24 and 32 px were copied, only the size not stored was resized
+
+
+def test_a_threaded_fill_matches_a_serial_one_and_decodes_each_content_once(tiny_set_copy, tmp_path, decodes,
+                                                                           monkeypatch):
+    files = _files(tiny_set_copy)
+    copy = files[0].with_name(f"copy_{files[0].name}")
+    shutil.copyfile(files[0], copy)  # an exact copy: one content in two files
+    files = sorted([*files, copy])
+
+    threaded = StudyCache(tmp_path / "threaded", 40, sizes=(24,))
+    shas = threaded.ensure(files)
+    assert len(set(shas)) == len(files) - 1
+    assert sum(decodes.values()) == len(set(shas)) and set(decodes.values()) == {1}
+
+    monkeypatch.setattr(cache_module, "WORKERS", 1)
+    assert StudyCache(tmp_path / "serial", 40, sizes=(24,)).ensure(files) == shas
+    for name in ("npy", "24px.npy"):  # the same rows in the same order, byte for byte
+        a, b = (np.load(next((tmp_path / run / "40px").glob(f"shard-*.{name}"))) for run in ("threaded", "serial"))
+        assert a.tobytes() == b.tobytes()
+    a, b = (np.load(next((tmp_path / run / "40px").glob("shard-*.prints.npz"))) for run in ("threaded", "serial"))
+    assert all(np.array_equal(a[k], b[k]) for k in ("polar", "profile"))
 
 
 def test_the_pipeline_reads_the_study_cache_beside_the_split(tiny_set, tmp_path, decodes,

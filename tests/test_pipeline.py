@@ -15,8 +15,10 @@ from bloodcell_lib.pipeline import (
     ROUTE_JPEG,
     ROUTE_PILLOW,
     ROUTE_TF,
+    _finish_fn,
     augment_batch,
     augment_image,
+    augment_params,
     decode_route,
     load_images,
     make_dataset,
@@ -241,6 +243,17 @@ def test_augmentation_is_seeded_and_yields_all_eight_orientations(dataset):
 
     batch = augment_batch(tf.constant(np.repeat(images[:1], 48, axis=0)), tf.constant([7, 0], tf.int64)).numpy()
     assert {closest(img) for img in batch} == set(range(8))
+
+
+def test_a_short_last_batch_gives_what_its_images_give_in_a_full_batch():
+    """The compiled per-batch step pads a short batch to the batch size (one XLA compile per pipeline)."""
+    finish = _finish_fn(keras.applications.resnet50.preprocess_input, True, 8)
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, (8, S, S, 3), np.uint8))
+    params = augment_params(8, tf.constant([5, 0], tf.int64))
+    full = finish(images, params).numpy()
+    short = finish(images[:3], tuple(p[:3] for p in params)).numpy()
+    assert short.shape == (3, S, S, 3)
+    np.testing.assert_allclose(short, full[:3], rtol=0, atol=1e-4)
 
 
 def test_a_preprocess_xla_cannot_compile_still_runs(dataset):
