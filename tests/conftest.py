@@ -8,11 +8,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from _smoke_study import run_smoke_study
 from bloodcell_lib.synthetic import TINY_SET, make_synthetic_dataset
 
 # A set big enough to show copies near the duplicate threshold, still made in well under a second.
@@ -55,12 +55,6 @@ def tiny_set_copy(tiny_set, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_set, tmp_path / "tiny set"))
 
 
-ROOT = Path(__file__).resolve().parents[1]
-# The shared smoke study: two networks with differently shaped preprocessing (caffe-mode VGG16, ResNet50), and a
-# learning-curve point at half the training cells of each.
-SMOKE_STUDY_MODELS = ("vgg16", "resnet50")
-
-
 @pytest.fixture(scope="session")
 def smoke_study(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """`run_all.py --profile smoke --models vgg16 resnet50 --train-fractions 0.5` run once per session (the main
@@ -68,7 +62,4 @@ def smoke_study(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     tests of run_all, evaluation and the learning curve read it; none writes into it except through the CLI's
     compare."""
     out = tmp_path_factory.mktemp("smoke_study") / "OUT"
-    run = subprocess.run([sys.executable, str(ROOT / "run_all.py"), "--profile", "smoke", "--models",
-                          *SMOKE_STUDY_MODELS, "--train-fractions", "0.5", "--output", str(out)],
-                         capture_output=True, text=True, timeout=1200, cwd=ROOT)
-    return run, out
+    return run_smoke_study(out), out

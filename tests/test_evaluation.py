@@ -15,7 +15,7 @@ from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.evaluation import select_gradcam_examples
 from bloodcell_lib.explain import gradcam_side_by_side
 from bloodcell_lib.results import PROB_COLUMNS, load_gradcam
-from conftest import SMOKE_STUDY_MODELS
+from _smoke_study import SMOKE_STUDY_MODELS
 
 ARCHS = SMOKE_STUDY_MODELS  # the session's smoke study (tests/conftest.py): VGG16 and ResNet50 through run_all.py
 
