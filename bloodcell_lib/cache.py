@@ -22,6 +22,7 @@ import json
 import logging
 import secrets
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
@@ -159,23 +160,34 @@ class StudyCache:
         is decoded once however many files hold it, and entries are added in file order, so the cache's
         contents do not depend on the threads.
         """
+        known = set(self._entries)  # contents cached before this fill
         claimed: set[str] = set()
 
         def read(file: Path) -> tuple[str, Entry | None]:
             data = file.read_bytes()
             sha = hashlib.sha256(data).hexdigest()
-            with self._lock:
-                new = sha not in self._entries and sha not in claimed
+            with self._lock:  # the first thread to meet a new content decodes it, whichever file it read
+                new = sha not in known and sha not in claimed
                 claimed.add(sha)
             return sha, (self.entry(*self.decode(file, data)) if new else None)
 
-        shas = []
+        shas: list[str] = []
         added = 0
+        seen: set[str] = set()
+        first_seen: deque[str] = deque()  # new contents in the order of the first file holding each
+        ready: dict[str, Entry] = {}  # decoded entries not yet added (decoded by a later file's thread)
         with ThreadPoolExecutor(max_workers=WORKERS) as pool, self.filling() as filler:
             for sha, entry in pool.map(read, [Path(f) for f in files]):
+                if sha not in known and sha not in seen:
+                    first_seen.append(sha)
+                seen.add(sha)
                 shas.append(sha)
                 if entry is not None:
-                    filler.put(sha, entry)
+                    ready[sha] = entry
+                # Added in the order of the files, not of the threads: the cache does not depend on scheduling.
+                while first_seen and first_seen[0] in ready:
+                    head = first_seen.popleft()
+                    filler.put(head, ready.pop(head))
                     added += 1
         if added:
             logger.info("Added %d images to the study cache %s.", added, self.folder)

@@ -299,7 +299,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     ),
     # CI: the smallest run that still executes every step.
     "smoke": dict(
-        epochs=2, image_size=32, batch_size=16, weights=None, patience=2,
+        epochs=1, image_size=32, batch_size=16, weights=None, patience=2,
         synth_per_class=8, synth_size=64, synth_duplicates=1, gradcam_images=10, bootstrap=100,
         run_eagerly=True, cost_repeats=3,
     ),

@@ -320,7 +320,9 @@ def evaluate(model, split: pd.DataFrame, subset: str = "test", output_dir: str |
         images, labels, paths = load_images(split, subset, model_image_size(model))
         if paths != frame["path"].astype(str).tolist():
             raise RuntimeError("The images loaded for TTA and the shortcut test are not the predicted ones.")
-        predict = image_predictor(model)
+        # Traced once and shared: TTA, the shortcut test, the cost's timings and FLOPs, and the deletion curves.
+        forward = compiled_forward(model)
+        predict = image_predictor(model, forward=forward)
         results["tta"] = (evaluate_tta(predict, images, rows, frame, work, name, n_boot=n_boot, seed=seed)
                           if tta else {"enabled": False})
         results["tta"]["why"] = tta_why
@@ -330,7 +332,6 @@ def evaluate(model, split: pd.DataFrame, subset: str = "test", output_dir: str |
             original_proba=frame[PROB_COLUMNS].to_numpy(dtype=np.float64), n_boot=n_boot, seed=seed,
             mask_source=mask_source)
         del images
-        forward = compiled_forward(model)  # traced once: the cost's timings and FLOPs, and the deletion curves
         results["cost"] = measure_cost(model, model_path=model_path, training_seconds=meta.get("total_seconds"),
                                        epochs=(epochs or {}).get("total"), repeats=cost_repeats, forward=forward)
         results["explainability"] = explain_model(model, split, frame if subset == "test" else frame.iloc[:0],
@@ -354,16 +355,17 @@ def tta_setting(tta: bool | None, profile: str | None) -> tuple[bool, str]:
     return on, f"{'on' if on else 'off'} in the {name} profile (evaluation.TTA_BY_PROFILE)"
 
 
-def image_predictor(model, batch_size: int = 32) -> Callable[[np.ndarray], np.ndarray]:
+def image_predictor(model, batch_size: int = 32, forward=None) -> Callable[[np.ndarray], np.ndarray]:
     """A function from uint8 N×S×S×3 images to the model's N×5 probabilities (float64), through the network's own
-    preprocessing, batch by batch."""
+    preprocessing, batch by batch. forward: the model's traced inference pass (cost.compiled_forward) to run them
+    through, so no second graph is traced; None → model.predict_on_batch."""
     spec = get_arch(model.name)
+    run = forward if forward is not None else model.predict_on_batch
 
     def predict(images: np.ndarray) -> np.ndarray:
         if len(images) == 0:
             return np.zeros((0, len(CLASSES)))
-        return np.concatenate([np.asarray(model.predict_on_batch(spec.network_input(images[i:i + batch_size])),
-                                          dtype=np.float64)
+        return np.concatenate([np.asarray(run(spec.network_input(images[i:i + batch_size])), dtype=np.float64)
                                for i in range(0, len(images), batch_size)])
 
     return predict

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -127,8 +128,12 @@ def test_a_threaded_fill_matches_a_serial_one_and_decodes_each_content_once(tiny
 
     monkeypatch.setattr(cache_module, "WORKERS", 1)
     assert StudyCache(tmp_path / "serial", 40, sizes=(24,)).ensure(files) == shas
-    for name in ("npy", "24px.npy"):  # the same rows in the same order, byte for byte
-        a, b = (np.load(next((tmp_path / run / "40px").glob(f"shard-*.{name}"))) for run in ("threaded", "serial"))
+    def shard(run: str, suffix: str) -> Path:  # "shard-*.npy" alone would also match "shard-*.24px.npy"
+        (path,) = [p for p in (tmp_path / run / "40px").glob("shard-*.npy") if p.name.split(".", 1)[1] == suffix]
+        return path
+
+    for suffix in ("npy", "24px.npy"):  # the same rows in the same order, byte for byte
+        a, b = (np.load(shard(run, suffix)) for run in ("threaded", "serial"))
         assert a.tobytes() == b.tobytes()
     a, b = (np.load(next((tmp_path / run / "40px").glob("shard-*.prints.npz"))) for run in ("threaded", "serial"))
     assert all(np.array_equal(a[k], b[k]) for k in ("polar", "profile"))
@@ -189,3 +194,28 @@ def test_a_five_model_smoke_study_decodes_each_file_once(tiny_set, tmp_path, dec
     n = len(_files(tiny_set))
     assert len(decodes) == n and set(decodes.values()) == {1}, Counter(decodes.values())
     assert not no_file_decoding_pipeline
+
+
+def test_a_content_is_added_where_its_first_file_stands_whichever_thread_decoded_it(tiny_set_copy, tmp_path,
+                                                                                  monkeypatch):
+    # The first file's read is slow, so its copy's thread meets the content first and decodes it; the entry must
+    # still be added in the first file's place (before the fix: the copy's place, so the rows depended on timing).
+    import time
+
+    files = sorted(_files(tiny_set_copy))[:6]
+    copy = tmp_path / "zz_copy.jpg"
+    shutil.copyfile(files[0], copy)
+    slow, read_bytes = files[0], Path.read_bytes
+
+    def delayed(self):
+        if self == slow:
+            time.sleep(0.5)
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", delayed)
+    monkeypatch.setattr(cache_module, "WORKERS", 2)
+    cache = StudyCache(tmp_path / "cache", 40)
+    shas = cache.ensure([*files, copy])
+    index = json.loads((tmp_path / "cache" / "40px" / "index.json").read_text())["entries"]
+    rows = [index[sha][1] for sha in dict.fromkeys(shas)]
+    assert rows == sorted(rows) and rows[0] == 0  # rows in the order of each content's first file

@@ -183,7 +183,7 @@ def test_describe_prints_every_setting_grouped_with_its_source(tmp_path):
                  "lr_factor             = 0.2  [default]", "lr_patience           = None  [default]",
                  "min_lr                = 1e-07  [default]",
                  "scratch_learning_rate = 0.0001  [resolve (see NOTE)]",  # VGG16's registry factor 0.1
-                 "epochs                = 2  [profile smoke]", "recipe                = auto → from scratch (1 phase)"):
+                 "epochs                = 1  [profile smoke]", "recipe                = auto → from scratch (1 phase)"):
         assert line in text
     assert text.index("  augmentation") < text.index("augment_brightness")
     assert text.index("  learning rate") < text.index("lr_factor")

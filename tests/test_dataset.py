@@ -249,6 +249,7 @@ def acceptance_set(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # ~4 s: the acceptance set, checked end to end
 def test_synthetic_copies_are_found_and_distinct_cells_stay_apart(acceptance_set, capsys):
     report = check_dataset(acceptance_set, progress=True)
     assert "Checking images" in capsys.readouterr().err  # 450 files: a progress bar on stderr

@@ -139,6 +139,7 @@ def copy_set(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # ~8 s: the 619-image adversarial copy set, fingerprinted and grouped
 def test_pair_precision_and_recall_on_the_copy_set_meet_the_targets(copy_set):
     report = check_dataset(copy_set, progress=False)
     manifest = copyset.load_copy_manifest(copy_set).set_index("file")

@@ -163,6 +163,7 @@ def _intervals(results):
     return {k: v for k, v in results["metrics"].items() if k.endswith("_ci")}
 
 
+@pytest.mark.slow  # ~6 s: the evaluate command end to end
 def test_cli_evaluate_gives_the_notebooks_intervals_and_records_the_resampling(tiny_study, tmp_path):
     from bloodcell_lib import study
     from bloodcell_lib.cli import main
@@ -391,3 +392,23 @@ def test_a_failure_after_the_test_pass_leaves_no_file_behind(tiny_study, tmp_pat
         evaluation.evaluate(tiny_study["result"].model, tiny_study["split"], "test", tmp_path, gradcam_images=0,
                             n_boot=10, make_figures=False, cost_repeats=1, tta=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_image_predictor_through_the_shared_traced_pass_equals_predict_on_batch(monkeypatch):
+    # TTA and the shortcut test run the forward pass evaluate() traced once for cost and deletion; same numbers.
+    import keras
+
+    from bloodcell_lib.cost import compiled_forward
+    from bloodcell_lib.evaluation import image_predictor
+    from bloodcell_lib.model import build_model
+    from bloodcell_lib.registry import ARCHITECTURES
+    from _tinynet import TINYNET
+
+    monkeypatch.setitem(ARCHITECTURES, TINYNET.key, TINYNET)
+    keras.utils.set_random_seed(0)
+    model = build_model("tinynet", image_size=16, weights=None)
+    images = np.random.default_rng(0).integers(0, 255, (37, 16, 16, 3), dtype=np.uint8)  # two batches, one short
+    plain = image_predictor(model, batch_size=32)(images)
+    shared = image_predictor(model, batch_size=32, forward=compiled_forward(model))(images)
+    assert shared.shape == (37, len(CLASSES)) and np.allclose(shared, plain, atol=1e-6)
+    assert image_predictor(model, forward=compiled_forward(model))(images[:0]).shape == (0, len(CLASSES))

@@ -61,6 +61,7 @@ def _events(tmp_path: Path) -> list[tuple[str, str, float]]:
     return [(label, what, float(t)) for label, what, t in (line.split() for line in lines if line)]
 
 
+@pytest.mark.slow  # starts two kernels
 def test_sequential_runs_jobs_in_order_and_a_failing_notebook_does_not_stop_the_rest(tmp_path):
     (tmp_path / "OUT" / "logs").mkdir(parents=True)
     jobs = [_job(tmp_path, "first", RECORD), _job(tmp_path, "failing", RECORD, FAIL), _job(tmp_path, "third", RECORD)]
