@@ -239,10 +239,7 @@ def run_study(jobs: list[NotebookJob], printer: ProgressPrinter, executor: str, 
             running.pop(job.label).close()
         else:
             printer.clock.finish(job.label)
-        retried = f", {run.attempts} attempts" if run.attempts > 1 else ""
-        result = "ok" if run.ok else f"FAILED: {run.error} (executed notebook {job.target}, kernel log {job.log_path})"
-        print(f"[{index[job.label]}/{total}] {job.label} {result} ({run.seconds:.0f} s{retried}) — "
-              f"{timing(printer.clock)}", flush=True)
+        print(done_line(index[job.label], total, job, run, printer.clock), flush=True)
 
     runs = {run.label: run for run in run_jobs(todo, executor=executor, address=address, on_start=started,
                                                on_done=finished)}
@@ -256,9 +253,15 @@ def run_step(i: int, total: int, job: NotebookJob, printer: ProgressPrinter) -> 
     print(f"[{i}/{total}] {job.label} ...", flush=True)
     with printer.running(job.label):
         run = run_notebook(job)
-    result = "ok" if run.ok else f"FAILED: {run.error} (executed notebook {job.target}, kernel log {job.log_path})"
-    print(f"[{i}/{total}] {job.label} {result} ({run.seconds:.0f} s) — {timing(printer.clock)}", flush=True)
+    print(done_line(i, total, job, run, printer.clock), flush=True)
     return job.label, run.ok, run.seconds, run.error
+
+
+def done_line(i: int, total: int, job: NotebookJob, run: JobResult, clock: RunClock) -> str:
+    """The line after a notebook run: ok, or FAILED with its error and where to look; seconds, attempts, timing."""
+    result = "ok" if run.ok else f"FAILED: {run.error} (executed notebook {job.target}, kernel log {job.log_path})"
+    retried = f", {run.attempts} attempts" if run.attempts > 1 else ""
+    return f"[{i}/{total}] {job.label} {result} ({run.seconds:.0f} s{retried}) — {timing(clock)}"
 
 
 @contextlib.contextmanager

@@ -41,14 +41,14 @@ def learning_curve_table(study_dir: str | Path) -> tuple[pd.DataFrame, list[str]
     folders = curve_folders(study_dir)
     if len(folders) == 1 or not (study_dir / SPLIT_FILE).is_file():
         return pd.DataFrame(columns=CURVE_COLUMNS), []
-    study_test = _test_paths(study_dir / SPLIT_FILE)
+    study_test = _test_paths(_read_split(study_dir / SPLIT_FILE))
     rows, problems = [], []
     for folder in folders:
         split_file = folder / SPLIT_FILE
         if not split_file.is_file():
             continue
-        split = pd.read_csv(split_file, dtype=str, keep_default_na=False)
-        if _test_paths(split_file) != study_test:
+        split = _read_split(split_file)
+        if _test_paths(split) != study_test:
             problems.append(f"{folder}: tested on other images than the study's test subset; left out")
             continue
         train = split[split["subset"] == "train"]
@@ -95,8 +95,11 @@ def display_learning_curve(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _test_paths(split_file: Path) -> frozenset[str]:
-    split = pd.read_csv(split_file, dtype=str, keep_default_na=False)
+def _read_split(split_file: Path) -> pd.DataFrame:
+    return pd.read_csv(split_file, dtype=str, keep_default_na=False)
+
+
+def _test_paths(split: pd.DataFrame) -> frozenset[str]:
     return frozenset(split.loc[split["subset"] == "test", "path"])
 
 

@@ -10,6 +10,16 @@ from bloodcell_lib.split import resolve_split
 from test_crossval import _fake_run
 
 
+def _study_with_a_point(tiny_set, out, fraction=0.5):
+    """A study folder whose own VGG16 run is the point at 1.0, and the config and split of a point at `fraction`."""
+    study = resolve("smoke", data_dir=str(tiny_set), output_dir=str(out))
+    split, _ = resolve_split(study, verbose=0)
+    _fake_run(study, split, "vgg16", skill=0.7)
+    cfg = resolve("smoke", data_dir=str(tiny_set), output_dir=str(out), train_fraction=fraction)
+    point, path = resolve_split(cfg, verbose=0)
+    return cfg, point, path
+
+
 def test_the_learning_curve_has_a_point_per_fraction_and_initialisation_on_the_same_test_cells(tiny_set, tmp_path):
     out = tmp_path / "OUT"
     study = resolve("smoke", data_dir=str(tiny_set), output_dir=str(out))
@@ -32,11 +42,7 @@ def test_the_learning_curve_has_a_point_per_fraction_and_initialisation_on_the_s
 
 def test_a_point_tested_on_other_cells_is_left_out_and_named(tiny_set, tmp_path):
     out = tmp_path / "OUT"
-    study = resolve("smoke", data_dir=str(tiny_set), output_dir=str(out))
-    split, _ = resolve_split(study, verbose=0)
-    _fake_run(study, split, "vgg16", skill=0.7)
-    cfg = resolve("smoke", data_dir=str(tiny_set), output_dir=str(out), train_fraction=0.5)
-    point, path = resolve_split(cfg, verbose=0)
+    cfg, point, path = _study_with_a_point(tiny_set, out)
     _fake_run(cfg, point, "vgg16", skill=0.5)
     edited = pd.read_csv(path)
     edited.loc[edited["subset"] == "test", "subset"] = "val"
@@ -47,11 +53,7 @@ def test_a_point_tested_on_other_cells_is_left_out_and_named(tiny_set, tmp_path)
 
 def test_an_unreadable_results_file_of_a_point_is_named_not_fatal(tiny_set, tmp_path):
     out = tmp_path / "OUT"
-    study = resolve("smoke", data_dir=str(tiny_set), output_dir=str(out))
-    split, _ = resolve_split(study, verbose=0)
-    _fake_run(study, split, "vgg16", skill=0.7)
-    cfg = resolve("smoke", data_dir=str(tiny_set), output_dir=str(out), train_fraction=0.5)
-    resolve_split(cfg, verbose=0)
+    cfg, _, _ = _study_with_a_point(tiny_set, out)
     (cfg.output_path / "vgg16_results.json").write_text("{not json")
     table, problems = write_learning_curve(out)
     assert table["train_fraction"].tolist() == [1.0] and "unreadable" in problems[0]
