@@ -20,7 +20,7 @@ from bloodcell_lib.model import base_layers, build_model, head_layers, load_trai
 from bloodcell_lib.registry import ARCHITECTURES
 from bloodcell_lib.resume import resume_dir
 from bloodcell_lib.synthetic import make_synthetic_dataset
-from bloodcell_lib.training import class_weights, fine_tune, train_from_config
+from bloodcell_lib.training import build_training_state, class_weights, fine_tune, train_from_config
 
 from _fine_tune_probes import PhaseProbe, layer_weights, same, tiny_data
 
@@ -43,6 +43,30 @@ def test_class_weights_are_balanced():
         class_weights([0, 5])
     with pytest.raises(DatasetError):
         class_weights([])
+
+
+class CountingModel(keras.Sequential):
+    """A small model that counts how often Keras traces its training step (a Python call per trace)."""
+
+    traces = 0
+
+    def train_step(self, data):
+        self.traces += 1
+        return super().train_step(data)
+
+
+@pytest.mark.parametrize("built_first, traces", [(False, 2), (True, 1)])
+def test_the_training_step_is_traced_once_when_its_state_is_built_first(built_first, traces):
+    model = CountingModel([keras.Input((6,)), keras.layers.Dense(4), keras.layers.BatchNormalization(),
+                            keras.layers.Dense(5, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    if built_first:
+        build_training_state(model)
+        assert all(float(np.sum(np.abs(v.numpy()))) == 0.0 for v in model.metrics_variables)  # nothing counted
+    x, y = np.random.default_rng(0).random((16, 6), "float32"), np.arange(16) % 5
+    history = model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    assert model.traces == traces  # without: Keras creates the Adam slots inside the first trace, so TF traces again
+    assert len(history.history["loss"]) == 2
 
 
 @pytest.fixture(scope="module")
