@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -34,16 +35,23 @@ _STARTUP_LOG = tempfile.TemporaryFile()
 with native_stderr_to(_STARTUP_LOG):
     from bloodcell_lib.atomic import write_text
     from bloodcell_lib.config import AUTO, CV_FOLDER, DEFAULT_OUTPUT, PROFILES, RunConfig, resolve
-    from bloodcell_lib.dataset import find_data_root
+    from bloodcell_lib.cache import StudyCache
+    from bloodcell_lib.dataset import check_dataset, find_data_root
     from bloodcell_lib.errors import BloodcellError, ConfigError
     from bloodcell_lib.executor import EXECUTORS, JobResult, NotebookJob, check_executor, run_jobs, run_notebook
     from bloodcell_lib.leakage import measure_leakage
     from bloodcell_lib.progress import HEADLESS_ENV, PROGRESS_ENV, RUN_ENV, RunClock, clock_time, progress_line, timing
     from bloodcell_lib.registry import ARCHITECTURES
+    from bloodcell_lib.split import resolve_split
     from bloodcell_lib.synthetic import make_stand_in
 
 HERE = Path(__file__).resolve().parent
 NOTEBOOKS = HERE / "notebooks"
+# Notebooks at a time on a machine without a GPU (--jobs auto): two, so that one computes while the other traces its
+# training graph, starts its kernel or runs Python (a single notebook leaves a core idle then). More would only
+# split the cores; the memory asked for is a guess of what two demo-profile kernels hold, with room to spare.
+AUTO_JOBS = 2
+AUTO_JOBS_MIN_MEMORY_GB = 8.0
 LOGS = "logs"  # inside the output folder: one log per notebook of what its kernel wrote outside the notebook
 PROGRESS_FILE = "progress.jsonl"
 
@@ -77,9 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ablation", choices=("scratch",),
                         help="scratch: also train every model from random initialisation with the same budget, at "
                              "every --train-fractions share (default 1.0): does transfer learning help?")
-    parser.add_argument("--executor", default="sequential", choices=EXECUTORS,
-                        help="sequential (default): one notebook after another here; ray: one Ray task per "
+    parser.add_argument("--executor", default="local", choices=EXECUTORS,
+                        help="local (default): the notebooks run here, --jobs at a time; ray: one Ray task per "
                              "notebook run (pip install -e .[ray]), retried when its worker dies")
+    parser.add_argument("--jobs", default=AUTO, metavar="N",
+                        help=f"with the local executor: notebooks at a time. auto (default): {AUTO_JOBS} on a "
+                             f"machine without a GPU, for the demo and smoke profiles; else 1")
     parser.add_argument("--address", help="with --executor ray: the cluster to join (e.g. auto); default: a local "
                                           "Ray instance on this machine")
     return parser.parse_args(argv)
@@ -165,7 +176,80 @@ class ProgressPrinter:
                 self.clock.update(label, event)
                 line = progress_line(label, event, self.clock)
                 if line:
-                    print(line, file=self.out, flush=True)
+                    self._write(line)
+
+    def say(self, line: str) -> None:
+        """Print one line whole, whichever thread asks (notebooks finishing at once print from their threads)."""
+        with self._lock:
+            self._write(line)
+
+    def _write(self, line: str) -> None:
+        self.out.write(line + "\n")  # one write: print() writes the newline apart, so threads' lines could merge
+        self.out.flush()
+
+
+def notebooks_at_once(requested: str, profile: str, executor: str) -> tuple[int, str]:
+    """How many notebooks run here at a time, and why: --jobs N as given; auto → AUTO_JOBS for the demo and smoke
+    profiles on a machine with no GPU, at least two cores and AUTO_JOBS_MIN_MEMORY_GB available, else 1 (a GPU is
+    not shared between kernels; the paper profile's kernels want the memory). Ray schedules its own tasks.
+
+    Raises ConfigError for a --jobs that is neither auto nor a whole number ≥ 1.
+    """
+    if requested != AUTO:
+        try:
+            n = int(requested)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ConfigError(f"--jobs takes auto or a number of notebooks at a time (1 or more), got {requested!r}.")
+        return n, "--jobs"
+    if executor != "local":
+        return 1, f"the {executor} executor schedules its own tasks"
+    if gpu_visible():
+        return 1, "a GPU is not shared between notebooks"
+    if profile not in ("demo", "smoke"):
+        return 1, f"the {profile} profile's notebooks each want the machine's memory"
+    cores, memory = os.cpu_count() or 1, available_memory_gb()
+    if cores < 2 or (memory is not None and memory < AUTO_JOBS_MIN_MEMORY_GB):
+        return 1, f"{cores} core(s), {memory or 0:.0f} GB available"
+    return AUTO_JOBS, (f"no GPU and {cores} cores: one notebook computes while the other traces its graph or runs "
+                       f"Python; --jobs 1 for one at a time")
+
+
+def gpu_visible() -> bool:
+    """True when an NVIDIA GPU is visible to this machine's processes (no TensorFlow needed to ask)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or shutil.which("nvidia-smi") is not None
+
+
+def available_memory_gb() -> float | None:
+    """MemAvailable of /proc/meminfo in GB, or None where there is no such file."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024 ** 2
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def prepare_shared_inputs(args: argparse.Namespace, cfg: RunConfig) -> str:
+    """Check the dataset (which fills the study's image cache) and make every split the notebooks will read: the
+    study's, or each seed's and fold's. Made here, once, before any notebook starts, so that notebooks running at
+    once never race to write what they share; each then reads the cache and loads its split. Return a line saying
+    what was made. Raises DatasetError / SplitError / ProvenanceError (a dataset that changed since its split)."""
+    report = check_dataset(cfg.data_dir, progress=False, cache=StudyCache.in_output(cfg.study_path, cfg.image_size))
+    runs = [cfg]
+    if args.folds:
+        runs = [resolve(args.profile, stand_in=True, default_output=str(HERE / DEFAULT_OUTPUT), data_dir=cfg.data_dir,
+                        epochs=args.epochs, output_dir=args.output, seed=seed, folds=args.folds, fold=fold)
+                for seed in args.seeds or [cfg.seed] for fold in range(1, args.folds + 1)]
+    paths = [resolve_split(run, verbose=0, report=report)[1] for run in runs]
+    where = paths[0] if len(paths) == 1 else f"{len(paths)} fold splits under {paths[0].parent.parent}"
+    return (f"Data check: {len(report.records)} images, {len({r.group for r in report.records})} cells "
+            f"({report.seconds:.0f} s); split {where}")
 
 
 def notebook_job(label: str, source: Path, executed: Path, parameters: dict, env: dict[str, str]) -> NotebookJob:
@@ -215,9 +299,10 @@ def done_before(job: NotebookJob, output: Path) -> bool:
 
 
 def run_study(jobs: list[NotebookJob], printer: ProgressPrinter, executor: str, address: str | None,
-              output: Path) -> list[tuple[str, bool, float, str]]:
-    """Run the jobs with the executor: a line before and after each, progress lines while one runs (sequential);
-    a fold already done (its results in its folder) is skipped with a line. Return their summary rows."""
+              output: Path, at_once: int = 1) -> list[tuple[str, bool, float, str]]:
+    """Run the jobs with the executor (local: `at_once` at a time): a line before and after each, progress lines
+    while they run; a fold already done (its results in its folder) is skipped with a line. Return their summary
+    rows."""
     total = len(jobs) + 1
     index = {job.label: i for i, job in enumerate(jobs, 1)}
     skipped = [job for job in jobs if done_before(job, output)]
@@ -229,8 +314,8 @@ def run_study(jobs: list[NotebookJob], printer: ProgressPrinter, executor: str, 
     running: dict[str, contextlib.ExitStack] = {}
 
     def started(job: NotebookJob) -> None:
-        print(f"[{index[job.label]}/{total}] {job.label} ...", flush=True)
-        if executor == "sequential":  # one at a time: the progress events belong to this job
+        printer.say(f"[{index[job.label]}/{total}] {job.label} ...")
+        if executor == "local" and at_once == 1:  # one at a time: the progress events belong to this job
             running[job.label] = contextlib.ExitStack()
             running[job.label].enter_context(printer.running(job.label))
 
@@ -238,11 +323,12 @@ def run_study(jobs: list[NotebookJob], printer: ProgressPrinter, executor: str, 
         if job.label in running:
             running.pop(job.label).close()
         else:
+            printer.poll()  # its last events first
             printer.clock.finish(job.label)
-        print(done_line(index[job.label], total, job, run, printer.clock), flush=True)
+        printer.say(done_line(index[job.label], total, job, run, printer.clock))
 
     runs = {run.label: run for run in run_jobs(todo, executor=executor, address=address, on_start=started,
-                                               on_done=finished)}
+                                               on_done=finished, at_once=at_once)}
     return [(job.label, True, 0.0, "skipped: done before") if job in skipped else
             (job.label, runs[job.label].ok, runs[job.label].seconds, runs[job.label].error) for job in jobs]
 
@@ -341,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     models = choose_models(args.models, model_notebooks())
     try:
         cfg, output = check_arguments(args)
+        at_once, why_at_once = notebooks_at_once(args.jobs, cfg.profile, args.executor)
     except BloodcellError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -355,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Profile {cfg.profile} ({cfg.why('profile')}); output {output}; {plan}{len(models)} model notebook(s)"
           f"{', learning-curve runs' if args.train_fractions or args.ablation else ''}"
           f"{', a leakage run' if args.leakage else ''} then Comparison"
-          f"{'' if args.executor == 'sequential' else f' (executor {args.executor})'}.")
+          f"{f' ({at_once} at a time: {why_at_once})' if at_once > 1 else ''}"
+          f"{'' if args.executor == 'local' else f' (executor {args.executor})'}.")
     for line in cfg.note_lines():
         print(line)
     logs = output / LOGS
@@ -365,18 +453,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Progress below; what the kernels print outside the notebooks (TensorFlow's start-up lines, Jupyter's "
           f"warnings) is in {logs}.", flush=True)
 
-    if args.data_dir is None:
-        # Made here, once, before any notebook starts: notebooks running at once (--executor ray) must not race to
-        # write it; each notebook then finds it made (study.configure).
-        print(f"Synthetic stand-in: {make_stand_in(cfg)}", flush=True)
     started = time.time()
+    if args.data_dir is None:
+        # Made here, once, before any notebook starts: notebooks running at once (--jobs, --executor ray) must not
+        # race to write it; each notebook then finds it made (study.configure).
+        print(f"Synthetic stand-in: {make_stand_in(cfg)}", flush=True)
+    try:
+        print(prepare_shared_inputs(args, cfg), flush=True)
+    except BloodcellError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     env = kernel_environment(output)
     jobs = study_jobs(args, cfg, models, executed, parameters, env)
     planned = {job.label: cfg.epochs for job in jobs}
     if args.leakage:
         planned[f"leakage ({args.leakage})"] = cfg.epochs
     with ProgressPrinter(output / PROGRESS_FILE, RunClock(planned, started)) as printer:
-        results = run_study(jobs, printer, args.executor, args.address, output)
+        results = run_study(jobs, printer, args.executor, args.address, output, at_once)
         if args.leakage:
             results.append(run_leakage(output, args.leakage, cfg.profile, args.epochs, printer, env))
         total = len(jobs) + 1

@@ -1,8 +1,9 @@
-"""How the study's notebook runs are executed: one after another in this process, or as Ray tasks on a cluster.
+"""How the study's notebook runs are executed: here, one or a few at a time, or as Ray tasks on a cluster.
 
 run_all.py builds one NotebookJob per notebook run (model, fold, seed) and hands the list to run_jobs():
 
-    results = run_jobs(jobs)                                 # sequential, in this process (the default)
+    results = run_jobs(jobs)                                 # here, one after another (the default)
+    results = run_jobs(jobs, at_once=2)                      # here, two kernels at a time
     results = run_jobs(jobs, executor="ray")                 # a local Ray instance, one task per job
     results = run_jobs(jobs, executor="ray", address="auto") # an existing cluster (`ray start --head` on one node)
 
@@ -24,6 +25,7 @@ import os
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
@@ -34,7 +36,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 from .errors import ExecutorError
 
-EXECUTORS = ("sequential", "ray")
+EXECUTORS = ("local", "ray")
 # ipykernel copies what C code writes on descriptors 1 and 2 into the cell's outputs (and onto its own stderr);
 # without that copy, TensorFlow's C++ lines stay on the kernel's stderr, which goes to the log.
 KERNEL_ARGUMENTS = ["--IPKernelApp.capture_fd_output=False"]
@@ -78,30 +80,41 @@ OnStart = Callable[[NotebookJob], None]
 OnDone = Callable[[NotebookJob, JobResult], None]
 
 
-def run_jobs(jobs: Sequence[NotebookJob], executor: str = "sequential", address: str | None = None,
-             on_start: OnStart | None = None, on_done: OnDone | None = None, max_retries: int = 2) -> list[JobResult]:
+def run_jobs(jobs: Sequence[NotebookJob], executor: str = "local", address: str | None = None,
+             on_start: OnStart | None = None, on_done: OnDone | None = None, max_retries: int = 2,
+             at_once: int = 1) -> list[JobResult]:
     """Run every job and return their results in job order; a failing notebook never stops the others.
 
-    executor: "sequential" runs the jobs one after another in this process, calling on_start before and on_done
-        after each. "ray" submits one Ray task per job (one GPU each when the cluster has GPUs, else one CPU slot),
-        calls on_start as each is submitted and on_done as each finishes, in the order they finish.
+    executor: "local" runs the jobs on this machine, `at_once` kernels at a time in job order, calling on_start as
+        each starts and on_done as each finishes (from the thread that ran it when at_once > 1). "ray" submits one
+        Ray task per job (one GPU each when the cluster has GPUs, else one CPU slot), calls on_start as each is
+        submitted and on_done as each finishes, in the order they finish.
     address: the Ray cluster to join ("auto", "ray://host:10001", "host:6379"); None starts a local instance —
         unless Ray is already initialised in this process, which is then used as it is.
-    max_retries: how often Ray runs a task again whose worker process died (not used by "sequential").
+    max_retries: how often Ray runs a task again whose worker process died (not used by "local").
 
-    Raises ExecutorError for an unknown executor, Ray not installed or a cluster that cannot be reached.
+    Raises ExecutorError for an unknown executor, at_once below 1, Ray not installed or a cluster that cannot be
+    reached.
     """
     check_executor(executor)
+    if at_once < 1:
+        raise ExecutorError(f"Notebooks at a time must be at least 1, got {at_once}.")
     if executor == "ray":
         return _run_on_ray(jobs, address, on_start, on_done, max_retries)
-    results = []
-    for job in jobs:
+
+    def run(job: NotebookJob) -> JobResult:
         if on_start:
             on_start(job)
-        results.append(run_notebook(job))
+        result = run_notebook(job)
         if on_done:
-            on_done(job, results[-1])
-    return results
+            on_done(job, result)
+        return result
+
+    if at_once == 1:
+        return [run(job) for job in jobs]
+    # Threads are enough: each job's work happens in its own kernel process; the thread only waits on it.
+    with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="notebook") as pool:
+        return list(pool.map(run, jobs))
 
 
 def check_executor(executor: str) -> None:
@@ -152,7 +165,7 @@ def task_resources(cluster: Mapping[str, float]) -> dict[str, float]:
 def _import_ray() -> ModuleType:
     """The ray module, or ExecutorError saying how to install it."""
     try:
-        # The one import inside a function: Ray is an optional extra, and the sequential path (the default, and
+        # The one import inside a function: Ray is an optional extra, and the local path (the default, and
         # every test without Ray) must not need it installed.
         import ray
     except ImportError as exc:

@@ -1,4 +1,5 @@
-"""executor: notebook jobs run in order or as Ray tasks; a failing notebook is a result, a dead worker a retry."""
+"""executor: notebook jobs run here (one or a few at a time) or as Ray tasks; a failing notebook is a result, a dead
+worker a retry."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def _events(tmp_path: Path) -> list[tuple[str, str, float]]:
 
 
 @pytest.mark.slow  # starts two kernels
-def test_sequential_runs_jobs_in_order_and_a_failing_notebook_does_not_stop_the_rest(tmp_path):
+def test_local_runs_jobs_in_order_and_a_failing_notebook_does_not_stop_the_rest(tmp_path):
     (tmp_path / "OUT" / "logs").mkdir(parents=True)
     jobs = [_job(tmp_path, "first", RECORD), _job(tmp_path, "failing", RECORD, FAIL), _job(tmp_path, "third", RECORD)]
     calls = []
@@ -84,8 +85,30 @@ def test_ray_asked_for_but_not_installed_is_our_error_with_the_install_line(tmp_
     with pytest.raises(ExecutorError, match=re.escape("Ray is an optional extra: pip install -e .[ray]")):
         run_jobs([job], executor="ray")
     assert not job.target.exists()
-    with pytest.raises(ExecutorError, match="Choose from: sequential, ray"):
+    with pytest.raises(ExecutorError, match="Choose from: local, ray"):
         run_jobs([job], executor="dask")
+    with pytest.raises(ExecutorError, match="at least 1, got 0"):
+        run_jobs([job], at_once=0)
+    assert not job.target.exists()
+
+
+@pytest.mark.slow  # starts three kernels
+def test_local_runs_two_at_a_time_in_job_order_and_returns_results_in_job_order(tmp_path):
+    (tmp_path / "OUT" / "logs").mkdir(parents=True)
+    jobs = [_job(tmp_path, "a", RECORD, sleep=3), _job(tmp_path, "b", RECORD, FAIL, sleep=1),
+            _job(tmp_path, "c", RECORD)]
+    calls = []
+    results = run_jobs(jobs, at_once=2, on_start=lambda job: calls.append(("start", job.label)),
+                       on_done=lambda job, result: calls.append(("done", result.label)))
+    assert [(r.label, r.ok) for r in results] == [("a", True), ("b", False), ("c", True)]
+    assert "boom" in results[1].error
+    times = {(label, what): t for label, what, t in _events(tmp_path)}
+    assert times["b", "start"] < times["a", "end"]  # a and b ran at once
+    assert times["c", "start"] > times["b", "end"]  # c waited for a free slot: b's (a sleeps longer)
+    assert times["c", "start"] < times["a", "end"]
+    assert sorted(calls[:2]) == [("start", "a"), ("start", "b")] and ("done", "b") in calls[:calls.index(("start", "c"))]
+    for job in jobs:
+        assert job.target.exists() and job.log_path.exists()
 
 
 def test_a_task_asks_for_a_gpu_when_the_cluster_has_one_else_a_cpu_slot():
