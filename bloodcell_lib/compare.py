@@ -328,8 +328,8 @@ TABLE_COLUMNS = [
     "leakage_audit", "leakage_audit_n_test",
     *CALIBRATION_COLUMNS, *TTA_COLUMNS, *SHORTCUT_COLUMNS,
     "gradcam_focus", "gradcam_focus_ci", "gradcam_deletion_auc", "gradcam_deletion_normalised",
-    "gradcam_deletion_normalised_ci", "gradcam_sanity_spearman", "explanation_set_sha256", "explanation_set_n",
-    *CV_COLUMNS,
+    "gradcam_deletion_normalised_ci", "gradcam_sanity_spearman", "gradcam_undefined", "explanation_set_sha256",
+    "explanation_set_n", *CV_COLUMNS,
     "params_total", "params_trainable", "flops_per_image", "keras_file_mb", "training_seconds", "epochs",
     "latency_ms", "throughput_batch32", "device",
 ]
@@ -363,6 +363,7 @@ def table_row(results: dict[str, Any]) -> dict[str, Any]:
         "explanation_set_sha256": ((results.get("explainability") or {}).get("image_set") or {}).get("paths_sha256"),
         "explanation_set_n": ((results.get("explainability") or {}).get("image_set") or {}).get("n"),
         "gradcam_sanity_spearman": cam.get("sanity_spearman_mean"),
+        "gradcam_undefined": cam.get("undefined"),
         "params_total": cost.get("params_total"),
         "params_trainable": cost.get("params_trainable"),
         "flops_per_image": cost.get("flops_per_image"),
@@ -725,8 +726,9 @@ def display_tta(table: pd.DataFrame) -> pd.DataFrame:
 
 def display_explanations(table: pd.DataFrame) -> pd.DataFrame:
     """Grad-CAM numbers of every network on the study's explanation set, with intervals: focus on the cell,
-    deletion AUC ÷ random-order deletion AUC (below 1: the map finds what the prediction rests on), sanity ρ."""
-    rows = _rows_with(table, "gradcam_focus")
+    deletion AUC ÷ random-order deletion AUC (below 1: the map finds what the prediction rests on), sanity ρ; a note
+    where a network's map cannot point at a region (its explained layer is 1×1 at the input size)."""
+    rows = _rows_with(table, "gradcam_deletion_auc")
     return pd.DataFrame({
         "model": rows["model"],
         "images": rows["explanation_set_n"].map(lambda v: _int_or_dash(v)),
@@ -735,6 +737,7 @@ def display_explanations(table: pd.DataFrame) -> pd.DataFrame:
         "deletion AUC": rows["gradcam_deletion_auc"].map(_fmt_num),
         "sanity ρ (randomised weights)": rows["gradcam_sanity_spearman"].map(_fmt_num),
         "set": rows["explanation_set_sha256"].map(lambda v: v[:12] if isinstance(v, str) else "—"),
+        "note": rows["gradcam_undefined"].map(lambda v: v if isinstance(v, str) else ""),
     }).reset_index(drop=True)
 
 

@@ -362,6 +362,13 @@ def explanation_scores(model, images: np.ndarray, masks: np.ndarray | None = Non
         "random_order": (f"seeded, on the layer's {grid[0]}×{grid[1]} grid upsampled like Grad-CAM" if grid
                          else "seeded, pixel by pixel"),
     }
+    if grid == (1, 1):
+        # One value per image: the map is flat, so it points at no region. Its focus (1 by construction), its
+        # deletion order (the pixels' index order, the same as the "random" one) and its rank correlation would
+        # read as numbers about where the network looks; they are not defined.
+        scores[["focus", "deletion_auc_normalised", "sanity_spearman"]] = np.nan
+        scores.attrs["undefined"] = (f"the layer {layer} is 1×1 at {x.shape[1]}×{x.shape[2]} px: Grad-CAM gives one "
+                                     f"value per image and cannot point at a region (a larger input size can)")
     return scores
 
 
@@ -380,6 +387,8 @@ def summarise_explanations(scores: pd.DataFrame, groups: Sequence[Any] | None = 
     groups = None if groups is None else list(groups)
     summary: dict[str, Any] = {**scores.attrs, "n_images": int(len(scores))}
     columns = {key: scores[key].to_numpy(dtype=np.float64) for key in SCORE_KEYS}
+    if scores.attrs.get("undefined"):  # a flat map (explanation_scores): its ratio of means is not defined either
+        columns["deletion_auc_random"] = np.full(len(scores), np.nan)
     for key in SCORE_KEYS:
         arrays = ((columns["deletion_auc"], columns["deletion_auc_random"]) if key == "deletion_auc_normalised"
                   else (columns[key],))

@@ -552,3 +552,28 @@ def test_side_by_side_draws_the_saved_examples_every_model_shares(tmp_path):
     moved = tmp_path / "moved"
     shutil.move(data, moved)
     assert len(gradcam_side_by_side(out, runs=["vgg16"], data_dir=moved).axes) >= len(CLASSES)
+
+
+@pytest.mark.parametrize("pool, defined", [(SIZE, False), (SIZE // 2, True)])
+def test_a_map_of_one_cell_is_marked_undefined_not_scored(pool, defined):
+    # DenseNet201 at 48 px explains a 1×1 layer: one value per image, a flat map. Its focus (1 by construction) and
+    # deletion ÷ random (1: both orders are the pixels' index order) would read as findings; they are not defined.
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((SIZE, SIZE, 3))
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inp)
+    h = keras.layers.AveragePooling2D(pool, name="last_conv")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(h), name="onecell")
+    x, y, masks = blob_images(6, seed=3)
+    scores = explanation_scores(model, x, masks, y, layer="last_conv", steps=4)
+    assert np.isfinite(scores["deletion_auc"]).all() and np.isfinite(scores["deletion_auc_random"]).all()
+    undefined = ["focus", "deletion_auc_normalised", "sanity_spearman"]
+    if defined:
+        # a 2×2 map is scored (its focus may be NaN by itself: an untrained net's map can be all zero)
+        assert np.isfinite(scores["deletion_auc_normalised"]).all() and "undefined" not in scores.attrs
+    else:
+        assert scores[undefined].isna().all().all()
+        assert "1×1" in scores.attrs["undefined"]
+        summary = summarise_explanations(scores, n_boot=50)
+        assert summary["focus"] is None and summary["deletion_auc_normalised"] is None
+        assert "1×1" in summary["undefined"]
