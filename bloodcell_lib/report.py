@@ -25,6 +25,7 @@ import bloodcell_lib
 from bloodcell_lib.atomic import write_text
 from bloodcell_lib.compare import (
     BASELINE_RUN,
+    ENSEMBLE_RUN,
     READ_CALIBRATION,
     READ_EXPLANATIONS,
     READ_SHORTCUT,
@@ -50,6 +51,15 @@ TITLE = "Which pretrained CNN best tells five blood-cell types apart, and can we
 PURPOSE = ("Five ImageNet-pretrained Keras networks fine-tuned on single blood-cell images and compared on the same "
            "test cells: metrics with 95% intervals, paired tests, a colour-only shortcut baseline, Grad-CAM and "
            "cost.")
+# The same line when no network of the folder started from pretrained weights (the demo offline, a scratch ablation).
+PURPOSE_SCRATCH = ("Keras networks trained from random initialisation — no pretrained weights in these runs, so they "
+                   "say nothing yet about transfer learning — on single blood-cell images and compared on the same "
+                   "test cells: metrics with 95% intervals, paired tests, a colour-only shortcut baseline, Grad-CAM "
+                   "and cost.")
+PURPOSE_MIXED = ("Keras networks, some fine-tuned from pretrained weights and some trained from random "
+                 "initialisation (the weights column says which), on single blood-cell images and compared on the "
+                 "same test cells: metrics with 95% intervals, paired tests, a colour-only shortcut baseline, "
+                 "Grad-CAM and cost.")
 MISSING = "—"  # a missing or non-finite number, as compare's display tables print it (never "nan")
 # The Comparison notebook's figures, in its order: (table column, what the figure shows).
 METRIC_BARS = (("macro_f1", "Macro-F1 with 95% interval whiskers"),
@@ -101,6 +111,17 @@ class EmbeddedFigure:
     uri: str
 
 
+def purpose(table: pd.DataFrame) -> str:
+    """The report's opening line, true to the networks' weights: pretrained and fine-tuned (the study), trained
+    from random initialisation (the demo offline), or a mix."""
+    networks = table[~table["run"].isin([BASELINE_RUN, ENSEMBLE_RUN])] if not table.empty else table
+    scratch = [w is None or (isinstance(w, float) and np.isnan(w)) or str(w).startswith("none")
+               for w in (networks["weights"] if not networks.empty else [])]
+    if scratch and all(scratch):
+        return PURPOSE_SCRATCH
+    return PURPOSE_MIXED if any(scratch) else PURPOSE
+
+
 def report_context(results_dir: Path, comparison: Comparison) -> dict[str, Any]:
     """Everything the template shows, as text, tables and embedded figures."""
     found = read_runs(results_dir)
@@ -114,7 +135,7 @@ def report_context(results_dir: Path, comparison: Comparison) -> dict[str, Any]:
     figures, figures_absent = embedded_figures(comparison)
     return {
         "title": TITLE,
-        "purpose": PURPOSE,
+        "purpose": purpose(comparison.table),
         "folder": str(results_dir.resolve()),
         "created": utc_timestamp(),
         "library_version": bloodcell_lib.__version__,

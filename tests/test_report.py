@@ -19,7 +19,8 @@ from bloodcell_lib.compare import BASELINE_RUN, compare_results
 from bloodcell_lib.errors import OutputError
 from bloodcell_lib.results import PROB_COLUMNS
 from bloodcell_lib.metrics import compute_metrics
-from bloodcell_lib.report import REPORT_FILE, TEMPLATE, cell_text, settings_tables, write_comparison_report
+from bloodcell_lib.report import (PURPOSE, PURPOSE_MIXED, PURPOSE_SCRATCH, REPORT_FILE, TEMPLATE, cell_text, purpose,
+                                  settings_tables, write_comparison_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VOID = {"meta", "img", "br", "hr", "link", "input", "source", "col", "wbr"}
@@ -240,6 +241,17 @@ def test_study_write_report_prints_the_path(results_dir, capsys):
 def test_numbers_print_as_in_the_markdown_table():
     assert [cell_text(v) for v in (None, float("nan"), np.float64(np.inf), pd.NA, 0.12345, np.int64(3), True)] == [
         "—", "—", "—", "—", "0.123", "3", "True"]
+
+
+def test_the_opening_line_says_pretrained_only_when_the_networks_were(results_dir):
+    # The demo offline trains from random initialisation: "ImageNet-pretrained, fine-tuned" would be untrue there.
+    table = compare_results(results_dir, expected=[]).table
+    assert purpose(table) == PURPOSE_SCRATCH  # every network None; the baseline and ensemble do not count
+    assert PURPOSE_SCRATCH.split(" — ")[0] in _parse(write_comparison_report(results_dir)).plain
+    table.loc[table["run"] == "vgg16", "weights"] = "imagenet"
+    assert purpose(table) == PURPOSE_MIXED
+    table.loc[table["run"] != BASELINE_RUN, "weights"] = "imagenet"
+    assert purpose(table) == PURPOSE and "ImageNet-pretrained" in PURPOSE
 
 
 def test_a_setting_some_runs_do_not_record_differs_in_configurations_but_not_in_versions():
