@@ -248,8 +248,10 @@ def prepare_shared_inputs(args: argparse.Namespace, cfg: RunConfig) -> str:
                 for seed in args.seeds or [cfg.seed] for fold in range(1, args.folds + 1)]
     paths = [resolve_split(run, verbose=0, report=report)[1] for run in runs]
     where = paths[0] if len(paths) == 1 else f"{len(paths)} fold splits under {paths[0].parent.parent}"
+    problems = (f", {len(report.problems)} problem(s) (listed in each notebook's data check)" if report.problems
+                else "")
     return (f"Data check: {len(report.records)} images, {len({r.group for r in report.records})} cells "
-            f"({report.seconds:.0f} s); split {where}")
+            f"({report.seconds:.0f} s){problems}; split {where}")
 
 
 def notebook_job(label: str, source: Path, executed: Path, parameters: dict, env: dict[str, str]) -> NotebookJob:

@@ -23,6 +23,9 @@ import keras
 PROGRESS_ENV = "BLOODCELL_PROGRESS"  # the JSON-lines file events are appended to (run_all.py sets it)
 RUN_ENV = "BLOODCELL_RUN"  # the run's label (run_all.py sets it per notebook run): events say whose they are
 HEADLESS_ENV = "BLOODCELL_HEADLESS"  # "1": nobody watches this process's output live (run_all.py, nbval)
+# Epochs the run must have seen before it estimates the time left: the first ones carry the set-up and each
+# network's graph tracing, and an estimate from one of them said 19 minutes for a demo that took 9.
+MIN_EPOCHS_FOR_ESTIMATE = 3
 # The validation numbers an epoch line shows, in this order, when Keras logged them.
 EPOCH_METRICS = ("val_accuracy", "val_macro_f1", "val_loss")
 
@@ -131,10 +134,10 @@ class RunClock:
         return (time.time() if now is None else now) - self.started
 
     def seconds_left(self, now: float | None = None) -> float | None:
-        """About how long the run still needs, or None before the first epoch gave a rate and once no epoch is
-        left (what remains then, evaluation and the Comparison, has no rate to go by)."""
+        """About how long the run still needs, or None before MIN_EPOCHS_FOR_ESTIMATE epochs gave a rate and once no
+        epoch is left (what remains then, evaluation and the Comparison, has no rate to go by)."""
         left = self.epochs_left()
-        if not self.epochs_seen or not left:
+        if self.epochs_seen < MIN_EPOCHS_FOR_ESTIMATE or not left:
             return None
         return self.elapsed(now) / self.epochs_seen * left
 

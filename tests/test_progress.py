@@ -53,8 +53,14 @@ def test_the_estimate_is_elapsed_per_epoch_times_the_epochs_left_across_models()
     clock.update("VGG16", event)
     assert clock.epochs_left() == 7
     line = progress_line("VGG16", event, clock, now=1020.0)
+    # One epoch carries the set-up and the graph tracing: no estimate from it alone.
     assert line == ("  [VGG16] training phase 1, epoch 1/4: val_accuracy 0.712, val_loss 0.810 (12 s/epoch) "
-                    "— elapsed 0:20, about 2:20 left")
+                    "— elapsed 0:20")
+    for k in (2, 3):
+        clock.update("VGG16", {**event, "epoch": k})
+    assert clock.epochs_left() == 5
+    assert progress_line("VGG16", {**event, "epoch": 3}, clock, now=1030.0).endswith(
+        "— elapsed 0:30, about 0:50 left")  # 30 s / 3 epochs × 5 left
 
 
 def test_a_model_stopped_early_or_finished_drops_its_remaining_epochs():
@@ -71,9 +77,10 @@ def test_a_model_stopped_early_or_finished_drops_its_remaining_epochs():
 
 
 def test_a_resumed_model_counts_only_what_is_left():
-    clock = RunClock({"VGG16": 8}, started=0.0)
-    clock.update("VGG16", {"event": "epoch", "epoch": 6, "epochs": 8})  # epochs 1-5 ran before the resume
-    assert clock.epochs_left() == 2 and clock.seconds_left(now=10.0) == pytest.approx(20.0)
+    clock = RunClock({"VGG16": 10}, started=0.0)
+    for k in (6, 7, 8):  # epochs 1-5 ran before the resume
+        clock.update("VGG16", {"event": "epoch", "epoch": k, "epochs": 10})
+    assert clock.epochs_left() == 2 and clock.seconds_left(now=30.0) == pytest.approx(20.0)
 
 
 def test_unknown_events_are_not_shown():
