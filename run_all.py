@@ -36,7 +36,7 @@ with native_stderr_to(_STARTUP_LOG):
     from bloodcell_lib.atomic import write_text
     from bloodcell_lib.config import AUTO, CV_FOLDER, DEFAULT_OUTPUT, PROFILES, RunConfig, resolve
     from bloodcell_lib.cache import StudyCache
-    from bloodcell_lib.dataset import check_dataset, find_data_root
+    from bloodcell_lib.dataset import IGNORED_KINDS, check_dataset, find_data_root
     from bloodcell_lib.errors import BloodcellError, ConfigError
     from bloodcell_lib.executor import EXECUTORS, JobResult, NotebookJob, check_executor, run_jobs, run_notebook
     from bloodcell_lib.leakage import measure_leakage
@@ -248,8 +248,8 @@ def prepare_shared_inputs(args: argparse.Namespace, cfg: RunConfig) -> str:
                 for seed in args.seeds or [cfg.seed] for fold in range(1, args.folds + 1)]
     paths = [resolve_split(run, verbose=0, report=report)[1] for run in runs]
     where = paths[0] if len(paths) == 1 else f"{len(paths)} fold splits under {paths[0].parent.parent}"
-    problems = (f", {len(report.problems)} problem(s) (listed in each notebook's data check)" if report.problems
-                else "")
+    found = [p for p in report.problems if p.kind not in IGNORED_KINDS]  # not the files beside the class folders
+    problems = f", {len(found)} problem(s) (listed in each notebook's data check)" if found else ""
     return (f"Data check: {len(report.records)} images, {len({r.group for r in report.records})} cells "
             f"({report.seconds:.0f} s){problems}; split {where}")
 

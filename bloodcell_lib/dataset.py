@@ -129,7 +129,7 @@ class DatasetReport:
         if not by_kind:
             lines.append("Problems: none.")
         for kind, problems in by_kind.items():
-            effect = "skipped" if kind in SKIPPED_KINDS else "ignored" if kind in _IGNORED_KINDS else "kept"
+            effect = "skipped" if kind in SKIPPED_KINDS else "ignored" if kind in IGNORED_KINDS else "kept"
             lines.append(f"{kind} ({len(problems)}, {effect}):")
             for problem in problems[:_SUMMARY_PATHS]:
                 lines.append(f"  {problem.path}: {problem.message}")
@@ -172,7 +172,8 @@ class DatasetReport:
         return frame
 
 
-_IGNORED_KINDS = ("hidden", "stray_folder", "stray_file")
+# Entries beside the class folders that the check names and leaves alone: not a problem of the data.
+IGNORED_KINDS = ("hidden", "stray_folder", "stray_file")
 
 
 def find_data_root(path: str | Path) -> Path:

@@ -281,3 +281,16 @@ def test_jobs_auto_runs_two_notebooks_at_once_only_on_a_cpu_machine_with_room(mo
     assert n == expected and why
     assert run_all.notebooks_at_once("3", profile, "local") == (3, "--jobs")
     assert run_all.notebooks_at_once("auto", profile, "ray")[0] == 1
+
+
+def test_the_data_check_line_counts_problems_of_the_data_not_the_files_beside_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(run_all, "run_jobs", lambda jobs, **kw: [run_all.JobResult(j.label, True, 0.0) for j in jobs])
+    monkeypatch.setattr(run_all, "run_step", lambda i, total, job, printer: (job.label, True, 0.0, ""))
+    run_all.main(["--profile", "smoke", "--models", "vgg16", "--output", str(tmp_path / "OUT")])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Data check:"))
+    assert "problem" not in line  # the stand-in's manifest beside its class folders is no problem of the data
+    data = tmp_path / "OUT" / "synthetic_data"
+    (data / "basophil" / "broken.jpg").write_bytes(b"not a jpeg")
+    run_all.main(["--profile", "smoke", "--models", "vgg16", "--data-dir", str(data), "--output", str(tmp_path / "B")])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Data check:"))
+    assert "1 problem(s)" in line
