@@ -15,6 +15,7 @@ test images averaged over their rotations and flips).
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import io
 import json
 import platform
@@ -42,6 +43,8 @@ TTA_VARIANT = "tta"
 IMAGE_SPLIT_SUFFIX = "_imagesplit"
 # Versions are recorded under the names people install the libraries by.
 _LIBRARY_NAMES = {"cv2": "opencv", "sklearn": "scikit-learn"}
+# The key of versions that names the library's code, not its version number: runs made by edited code differ here.
+SOURCE_KEY = "bloodcell_lib source"
 
 
 # --- Names ---------------------------------------------------------------------------------------------
@@ -189,7 +192,23 @@ def library_versions(*modules: ModuleType) -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for module in (*modules, np, sklearn, pd, bloodcell_lib):
         versions[_LIBRARY_NAMES.get(module.__name__, module.__name__)] = module.__version__
+    versions[SOURCE_KEY] = _SOURCE
     return versions
+
+
+def source_fingerprint(package: Path = Path(bloodcell_lib.__file__).parent) -> str:
+    """The first 12 hex digits of a SHA-256 over the package's Python files and templates (path and bytes, in path
+    order): the same version number with edited code gives another fingerprint, so the report's versions table shows
+    runs made by different code (a kernel started after an edit imports the edited library)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in package.rglob("*") if p.is_file() and p.suffix in (".py", ".j2")
+                       and "__pycache__" not in p.parts):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+# Taken when this process imported the library: the code its numbers come from, even if the files change later.
+_SOURCE = source_fingerprint()
 
 
 def utc_timestamp() -> str:

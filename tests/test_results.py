@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
+import shutil
 from pathlib import Path
 
 import cv2
@@ -16,9 +18,11 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from bloodcell_lib.classes import CLASSES
 from bloodcell_lib.metrics import SCALAR_KEYS, compute_metrics
+import bloodcell_lib
 from bloodcell_lib.results import (
     PREDICTION_COLUMNS,
     PROB_COLUMNS,
+    SOURCE_KEY,
     GradcamExamples,
     gradcam_path,
     library_versions,
@@ -30,6 +34,7 @@ from bloodcell_lib.results import (
     results_path,
     results_record,
     run_name,
+    source_fingerprint,
     run_of,
     split_info,
     utc_timestamp,
@@ -123,7 +128,8 @@ def test_run_name_marks_an_image_level_split(split):
 
 def test_versions_and_timestamps_have_one_shape():
     network = library_versions(tf, keras)
-    assert list(network) == ["python", "tensorflow", "keras", "numpy", "scikit-learn", "pandas", "bloodcell_lib"]
+    assert list(network) == ["python", "tensorflow", "keras", "numpy", "scikit-learn", "pandas", "bloodcell_lib",
+                             SOURCE_KEY]
     assert network["tensorflow"] == tf.__version__ and network["numpy"] == np.__version__
     assert library_versions(cv2)["opencv"] == cv2.__version__ and "tensorflow" not in library_versions(cv2)
     stamp = dt.datetime.fromisoformat(utc_timestamp())
@@ -156,3 +162,17 @@ def test_results_json_is_plain_json(tmp_path, split):
                              versions={})
     text = write_results(tmp_path, results).read_text()
     assert json.loads(text)["metrics"] == {"accuracy": 0.5, "ece": None}
+
+
+def test_the_versions_name_the_library_code_so_runs_of_edited_code_differ(tmp_path):
+    package = Path(bloodcell_lib.__file__).parent
+    copy = tmp_path / "bloodcell_lib"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert source_fingerprint(copy) == source_fingerprint(package) == library_versions()[SOURCE_KEY]
+    (copy / "__pycache__").mkdir(exist_ok=True)
+    (copy / "__pycache__" / "x.pyc").write_bytes(b"compiled")  # not the source
+    assert source_fingerprint(copy) == source_fingerprint(package)
+    explain = copy / "explain.py"
+    explain.write_text(explain.read_text() + "\n# an edit\n")
+    assert source_fingerprint(copy) != source_fingerprint(package)
+    assert re.fullmatch(r"[0-9a-f]{12}", source_fingerprint(copy))
