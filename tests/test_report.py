@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 from io import BytesIO
 from pathlib import Path
@@ -296,3 +298,31 @@ def test_the_shortcut_test_calibration_and_tta_are_shown_with_how_to_read_them(r
     assert any(row[:2] == ["Xception", "1.70"] and row[3:5] == ["0.020", "-0.080 [-0.100, -0.050]"] for row in rows)
     assert "Far above chance with the cell masked out" in page.plain
     assert "reliability before and after temperature scaling" in page.plain
+
+
+# Added to a copy of the report (the report itself holds no script): after loading, the page records how many
+# images it has, how many failed to decode, and how many elements point outside the file.
+_BROWSER_CHECK = (
+    "<script>window.addEventListener('load', () => { const imgs = [...document.images];"
+    " const broken = imgs.filter(i => !i.complete || i.naturalWidth === 0).length;"
+    " const external = [...document.querySelectorAll('[src],[href]')].filter(e => /^(https?:)?\\/\\//.test("
+    "e.getAttribute('src') || e.getAttribute('href'))).length;"
+    " document.body.setAttribute('data-check', `images=${imgs.length} broken=${broken} external=${external}`); });"
+    "</script>")
+
+
+@pytest.mark.slow  # starts a browser
+def test_the_report_loads_in_a_real_browser_with_every_figure_and_nothing_external(results_dir, tmp_path):
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)),
+                   None)
+    if browser is None:
+        pytest.skip("no Chromium or Chrome on this machine")
+    page = tmp_path / "checked.html"
+    page.write_text(write_comparison_report(results_dir).read_text(encoding="utf-8").replace(
+        "</body>", _BROWSER_CHECK + "</body>"), encoding="utf-8")
+    run = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=180)
+    found = re.search(r'data-check="images=(\d+) broken=(\d+) external=(\d+)"', run.stdout)
+    assert found, run.stderr[-2000:]
+    assert found.groups() == ("6", "0", "0")  # the two metric bars, the two cost scatters, vgg16's two PNGs
