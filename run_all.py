@@ -149,8 +149,12 @@ class ProgressPrinter:
         try:
             yield
         finally:
-            self.poll()  # the step's last events, before the next step's label
-            self.clock.finish(label)
+            self.finish(label)  # the step's last events, before the next step's label
+
+    def finish(self, label: str) -> None:
+        """Print the run's last events, then count it as training no more (done, stopped early, or failed)."""
+        self.poll()
+        self.clock.finish(label)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
@@ -243,8 +247,7 @@ def prepare_shared_inputs(args: argparse.Namespace, cfg: RunConfig) -> str:
     report = check_dataset(cfg.data_dir, progress=False, cache=StudyCache.in_output(cfg.study_path, cfg.image_size))
     runs = [cfg]
     if args.folds:
-        runs = [resolve(args.profile, stand_in=True, default_output=str(HERE / DEFAULT_OUTPUT), data_dir=cfg.data_dir,
-                        epochs=args.epochs, output_dir=args.output, seed=seed, folds=args.folds, fold=fold)
+        runs = [resolve_run(args, seed=seed, folds=args.folds, fold=fold)
                 for seed in args.seeds or [cfg.seed] for fold in range(1, args.folds + 1)]
     paths = [resolve_split(run, verbose=0, report=report)[1] for run in runs]
     where = paths[0] if len(paths) == 1 else f"{len(paths)} fold splits under {paths[0].parent.parent}"
@@ -325,8 +328,7 @@ def run_study(jobs: list[NotebookJob], printer: ProgressPrinter, executor: str, 
         if job.label in running:
             running.pop(job.label).close()
         else:
-            printer.poll()  # its last events first
-            printer.clock.finish(job.label)
+            printer.finish(job.label)
         printer.say(done_line(index[job.label], total, job, run, printer.clock))
 
     runs = {run.label: run for run in run_jobs(todo, executor=executor, address=address, on_start=started,
@@ -383,6 +385,13 @@ def run_leakage(output: Path, arch: str, profile: str, epochs: int | None, print
         return name, False, time.perf_counter() - start, f"{exc.__class__.__name__}: {exc}"
 
 
+def resolve_run(args: argparse.Namespace, **params: object) -> RunConfig:
+    """The run's configuration from its options (config.resolve: --profile and --output over the environment over
+    the defaults; the stand-in without --data-dir), with `params` (a fold's seed, folds, fold) on top."""
+    return resolve(args.profile, stand_in=True, default_output=str(HERE / DEFAULT_OUTPUT), data_dir=args.data_dir,
+                   epochs=args.epochs, output_dir=args.output, **params)
+
+
 def check_arguments(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """Refuse arguments that would fail inside every notebook, before any kernel starts; return the run's
     configuration (config.resolve: --profile and --output over the environment over the defaults) and its output
@@ -390,8 +399,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[RunConfig, Path]:
 
     Raises BloodcellError (DatasetError, ConfigError, OutputError) with a message saying what to fix.
     """
-    cfg = resolve(args.profile, stand_in=True, default_output=str(HERE / DEFAULT_OUTPUT), data_dir=args.data_dir,
-                  epochs=args.epochs, output_dir=args.output)  # ConfigError: epochs < 1, paper without data
+    cfg = resolve_run(args)  # ConfigError: epochs < 1, paper without data
     if args.folds is not None and args.folds < 2:
         raise ConfigError(f"--folds needs at least 2 folds, got {args.folds}.")
     if args.seeds and not args.folds:

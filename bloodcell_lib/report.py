@@ -114,9 +114,8 @@ class EmbeddedFigure:
 def purpose(table: pd.DataFrame) -> str:
     """The report's opening line, true to the networks' weights: pretrained and fine-tuned (the study), trained
     from random initialisation (the demo offline), or a mix."""
-    networks = table[~table["run"].isin([BASELINE_RUN, ENSEMBLE_RUN])] if not table.empty else table
-    scratch = [w is None or (isinstance(w, float) and np.isnan(w)) or str(w).startswith("none")
-               for w in (networks["weights"] if not networks.empty else [])]
+    weights = table.loc[~table["run"].isin([BASELINE_RUN, ENSEMBLE_RUN]), "weights"]
+    scratch = [pd.isna(w) or str(w).startswith("none") for w in weights]
     if scratch and all(scratch):
         return PURPOSE_SCRATCH
     return PURPOSE_MIXED if any(scratch) else PURPOSE
